@@ -1,0 +1,209 @@
+"""Splitting byte streams into POP3 lines and responses, with bounded memory.
+
+Two readers, one per direction:
+
+- ``CommandLines`` splits what a client sends into command lines. A line over the limit is reported
+  once and then discarded up to its end, so a client that never sends a line feed cannot grow memory.
+- ``ResponseReader`` splits what an upstream sends into status lines and multi-line bodies. Bodies are
+  passed on chunk by chunk, still dot-stuffed, so relaying never holds a whole message in memory; only
+  the terminator ``CRLF.CRLF`` (RFC 1939 §3) is looked for, across chunk boundaries.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from .wire import CRLF
+
+TERMINATOR = b"\r\n.\r\n"
+
+
+class LineTooLong:
+    """Returned by ``CommandLines.next_line`` in place of a line that exceeded the limit."""
+
+    def __repr__(self) -> str:
+        return "TOO_LONG"
+
+
+TOO_LONG = LineTooLong()
+
+
+class CommandLines:
+    """A client's byte stream as command lines (without their terminators).
+
+    Lines end with LF; a CR before it is dropped. Lines are handed out one at a time by
+    ``next_line`` so that the caller can stop in the middle of a packet (pipelined commands while a
+    login is in flight, STLS) and leave the rest buffered or throw it away.
+    """
+
+    def __init__(self, max_length: int) -> None:
+        #: longest accepted line, terminator included (RFC 2449 §4 counts the CRLF)
+        self.max_length = max_length
+        self._buffer = bytearray()
+        self._discarding = False
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def next_line(self) -> bytes | LineTooLong | None:
+        """The next complete line, ``TOO_LONG`` once per over-long line, or None for "need more"."""
+        while True:
+            end = self._buffer.find(b"\n")
+            if self._discarding:
+                if end == -1:
+                    self._buffer.clear()
+                    return None
+                del self._buffer[: end + 1]
+                self._discarding = False
+                continue
+            if end == -1:
+                if len(self._buffer) >= self.max_length:
+                    # Report now, not at the line's end, which may never come.
+                    self._buffer.clear()
+                    self._discarding = True
+                    return TOO_LONG
+                return None
+            if end + 1 > self.max_length:
+                del self._buffer[: end + 1]
+                return TOO_LONG
+            line = bytes(self._buffer[:end])
+            del self._buffer[: end + 1]
+            return line[:-1] if line.endswith(b"\r") else line
+
+    def clear(self) -> bytes:
+        """Throw away whatever is buffered and return it (STLS: RFC 2595 §4 injection defence)."""
+        pending = bytes(self._buffer)
+        self._buffer.clear()
+        self._discarding = False
+        return pending
+
+    def __len__(self) -> int:
+        return len(self._buffer)
+
+
+class ResponseHandler(Protocol):
+    """Receives what ``ResponseReader`` finds, in order."""
+
+    def status_received(self, line: bytes) -> bool:
+        """A status line, with its CRLF. Return True if a multi-line body follows it."""
+
+    def body_received(self, data: bytes) -> None:
+        """Body bytes as on the wire (dot-stuffed); the last chunk ends with the terminator."""
+
+    def body_ended(self) -> None:
+        """The terminator has been passed to ``body_received``."""
+
+    def line_too_long(self) -> None:
+        """A status line exceeded the limit: the stream cannot be trusted any more."""
+
+
+class BodyScanner:
+    """Finds the end of one multi-line body across chunks, copying nothing larger than 4 bytes.
+
+    The scan starts as if a CRLF had just been seen (the status line's), so that an empty body, a
+    lone ``.CRLF``, is found too.
+    """
+
+    def __init__(self) -> None:
+        self._tail = CRLF
+
+    def feed(self, data: bytes) -> int:
+        """Return how many bytes of ``data`` belong to the body (terminator included), or -1."""
+        # A terminator straddling the previous chunk and this one.
+        seam = self._tail + data[: len(TERMINATOR) - 1]
+        index = seam.find(TERMINATOR)
+        if index != -1:
+            return index + len(TERMINATOR) - len(self._tail)
+        index = data.find(TERMINATOR)
+        if index != -1:
+            return index + len(TERMINATOR)
+        self._tail = (self._tail + data)[-(len(TERMINATOR) - 1) :]
+        return -1
+
+
+class ResponseReader:
+    """An upstream's byte stream as status lines and bodies, delivered to a ``ResponseHandler``.
+
+    ``pause()`` stops delivery at the next boundary (the rest stays buffered) until ``resume()``;
+    ``take_buffer()`` removes whatever has not been delivered yet (upstream STLS: anything after the
+    ``+OK`` was sent in plain text and must not be believed, RFC 2595 §4).
+    """
+
+    def __init__(self, handler: ResponseHandler, max_line_length: int = 8192) -> None:
+        self._handler = handler
+        self._max_line_length = max_line_length
+        self._buffer = b""
+        self._offset = 0
+        self._body: BodyScanner | None = None
+        self._paused = False
+        self._broken = False
+
+    def feed(self, data: bytes) -> None:
+        if self._offset:
+            self._buffer = self._buffer[self._offset :]
+            self._offset = 0
+        self._buffer = self._buffer + data if self._buffer else data
+        self._deliver()
+
+    def pause(self) -> None:
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+        self._deliver()
+
+    def take_buffer(self) -> bytes:
+        pending = self._buffer[self._offset :]
+        self._buffer, self._offset = b"", 0
+        return pending
+
+    @property
+    def in_body(self) -> bool:
+        return self._body is not None
+
+    def _deliver(self) -> None:
+        # Status lines are consumed by moving an offset, so that thousands of pipelined answers in one
+        # chunk cost one pass, not one copy of the rest of the chunk each.
+        while self._offset < len(self._buffer) and not self._paused and not self._broken:
+            if self._body is not None:
+                self._deliver_body()
+            elif not self._deliver_status():
+                return
+
+    def _deliver_body(self) -> None:
+        assert self._body is not None
+        data = self._buffer[self._offset :] if self._offset else self._buffer
+        self._buffer, self._offset = b"", 0
+        end = self._body.feed(data)
+        if end == -1:
+            self._handler.body_received(data)
+            return
+        self._body = None
+        self._buffer = data
+        self._offset = end
+        self._handler.body_received(data[:end])
+        self._handler.body_ended()
+
+    def _deliver_status(self) -> bool:
+        """Deliver one status line; False if there is none complete yet (or the stream broke)."""
+        start = self._offset
+        end = self._buffer.find(b"\n", start)
+        if end == -1:
+            if len(self._buffer) - start > self._max_line_length:
+                self._break()
+            return False
+        if end + 1 - start > self._max_line_length:
+            self._break()
+            return False
+        line = self._buffer[start : end + 1]
+        self._offset = end + 1
+        if not line.endswith(CRLF):
+            line = line[:-1] + CRLF
+        if self._handler.status_received(line):
+            self._body = BodyScanner()
+        return True
+
+    def _break(self) -> None:
+        self._broken = True
+        self._buffer, self._offset = b"", 0
+        self._handler.line_too_long()

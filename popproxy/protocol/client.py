@@ -1,0 +1,609 @@
+"""The client leg: one POP3 session as the client sees it.
+
+Before login the proxy is the server: it greets, answers CAPA, STLS, USER, PASS, AUTH, NOOP and QUIT
+itself, and opens no upstream connection until it holds credentials. After login it relays every
+command it knows the framing of to the upstream chosen for the user and passes the answers back byte
+for byte, in order, with back-pressure both ways.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ..config import ListenerConfig, ProxyConfig
+from ..pop3 import capa, commands, sasl
+from ..pop3.framing import TOO_LONG, CommandLines
+from ..pop3.wire import (
+    MAX_COMMAND_LINE,
+    MAX_SASL_LINE,
+    Command,
+    err,
+    has_forbidden_bytes,
+    multiline,
+    ok,
+    parse_command,
+)
+from ..tls import ServerTLS, tls_facts
+from .connector import UpstreamConnector
+from .flow import HoldProducer, PauseGate
+from .responses import AnswerQueue, FilteringSink, RelaySink, ResponseSink
+from .upstream import (
+    PASSED_LOGIN_CODES,
+    UpstreamProtocol,
+    UpstreamRefused,
+    UpstreamUnavailable,
+    describe,
+    set_no_delay,
+)
+
+# The one answer to every credential failure, whatever the upstream said and whether the user exists
+# (RFC 3206 §4 [AUTH]; the same text for an unknown user and a wrong password, so that nobody can
+# tell them apart).
+AUTH_FAILED = err("Authentication failed.", "AUTH")
+UPSTREAM_DOWN = err("Mail server unavailable, try again later.", "SYS/TEMP")
+# The same wording Dovecot uses, so that clients and admins recognise it.
+TLS_REQUIRED = err("Plaintext authentication disallowed on non-secure (SSL/TLS) connections.", "AUTH")
+
+_LOGIN_CODE_TEXT = {
+    "IN-USE": "Mailbox is locked by another session.",
+    "LOGIN-DELAY": "Logged in too recently, try again later.",
+    "SYS/TEMP": "Mail server unavailable, try again later.",
+    "SYS/PERM": "Mail server refused the login; do not retry.",
+}
+
+# Pipelined commands a client may have waiting for answers before the proxy stops reading more.
+MAX_OUTSTANDING = 64
+
+
+class State(enum.Enum):
+    AUTHORIZATION = enum.auto()  # RFC 1939 §4
+    SASL = enum.auto()  # waiting for an AUTH PLAIN continuation line (RFC 5034 §4)
+    LOGGING_IN = enum.auto()  # credentials given, upstream login in flight
+    TRANSACTION = enum.auto()  # RFC 1939 §5: relaying
+    CLOSED = enum.auto()
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """Everything a session needs from the outside world, fixed when it starts (a reload changes the
+    settings for new sessions only)."""
+
+    listener: ListenerConfig
+    config: ProxyConfig
+    server_tls: ServerTLS | None
+    connector: UpstreamConnector
+    clock: IReactorTime
+
+
+class ClientProtocol(Protocol):
+    """One client session. ``on_closed`` is called once, when the session is over."""
+
+    log = Logger()
+
+    def __init__(self, settings: SessionSettings, on_closed: Callable[[ClientProtocol], None]) -> None:
+        self.settings = settings
+        self._on_closed = on_closed
+        self.session_id = secrets.token_hex(6)
+        self.state = State.AUTHORIZATION
+        self._lines = CommandLines(MAX_COMMAND_LINE)
+        self._tls_active = settings.listener.tls == "implicit"
+        self._user: bytes | None = None
+        self._upstream: UpstreamProtocol | None = None
+        self._upstream_name: str | None = None
+        self._login: Deferred[UpstreamProtocol] | None = None
+        self._answers = AnswerQueue(self._write, self._answers_idle)
+        self._reading = PauseGate()
+        self._quit_sent = False
+        self._timer: IDelayedCall | None = None
+        self._started = settings.clock.seconds()
+        self._bytes_in = 0
+        self._bytes_out = 0
+        self._end_reason = "client closed"
+        self._close_waiters: list[Deferred[None]] = []
+        self.user: str | None = None
+        self._opened_logged = False
+        self._closing = False
+        self._hung_up = False
+
+    # -- log fields ---------------------------------------------------------------------------------
+
+    def _fields(self) -> dict[str, Any]:
+        peer = self.transport.getPeer() if self.transport is not None else None
+        return {
+            "session_id": self.session_id,
+            "peer_host": getattr(peer, "host", str(peer)),
+            "peer_port": getattr(peer, "port", 0),
+            "listener": self.settings.listener.key,
+        }
+
+    def _log_opened(self) -> None:
+        if not self._opened_logged:
+            self._opened_logged = True
+            self.log.info(
+                "session {session_id} opened from {peer_host}:{peer_port} on {listener}",
+                event="session_opened",
+                endpoint=self.settings.listener.endpoint,
+                **self._fields(),
+            )
+
+    # -- Twisted callbacks --------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        set_no_delay(self.transport)
+        self._reading.attach(self.transport)
+        # Behind a PROXY-protocol listener the real peer is known only after the header, which
+        # arrives with the first data (TWISTED-NOTES gotcha 3): log the opening then.
+        if not self.settings.listener.haproxy:
+            self._log_opened()
+        self._start_timer(self.settings.config.limits.login_timeout, "login timeout")
+        # RFC 1939 §4: the greeting. No APOP timestamp (APOP is not offered) and no software name or
+        # version (nothing to fingerprint).
+        self._write(ok("POP3 proxy ready."))
+
+    def dataReceived(self, data: bytes) -> None:
+        self._log_opened()
+        self._bytes_in += len(data)
+        self._lines.feed(data)
+        self._process_lines()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._hung_up = True
+        if self.state is State.TRANSACTION:
+            self._forward_after_hangup()
+        self._cancel_timer()
+        previous, self.state = self.state, State.CLOSED
+        if self._login is not None:
+            self._login.cancel()
+        upstream = self._upstream
+        if upstream is not None and not upstream.closed:
+            if self._quit_sent:
+                # RFC 1939 §6: the client asked for UPDATE; let the upstream finish it even though
+                # nobody is listening any more, then close.
+                upstream.on_lost = None
+            else:
+                # No QUIT from the client: no deletions. Drop the connection without QUIT.
+                upstream.abort()
+        self._log_opened()
+        self._log_ended(previous)
+        waiters, self._close_waiters = self._close_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+        self._on_closed(self)
+
+    def _forward_after_hangup(self) -> None:
+        """Relay what the client sent before it hung up, if that includes QUIT.
+
+        A client may send ``DELE 1`` and ``QUIT`` and close at once; its QUIT must still reach the
+        upstream (RFC 1939 §6), together with the commands before it, even though nobody will read
+        the answers. Without a QUIT nothing is forwarded: the session simply ends with no UPDATE.
+        """
+        pending: list[bytes] = []
+        while (line := self._lines.next_line()) is not None:
+            if isinstance(line, bytes):
+                pending.append(line)
+        verbs = [command.verb for line in pending if (command := parse_command(line)) is not None]
+        if b"QUIT" not in verbs:
+            return
+        for line in pending:
+            command = parse_command(line)
+            if command is not None:
+                self._transaction(command, line)
+            if self._quit_sent:
+                break
+
+    def shut_down(self) -> None:
+        """End the session now (the proxy is stopping): no QUIT upstream unless the client sent one."""
+        self._abort("shutdown")
+
+    def when_closed(self) -> Deferred[None]:
+        """A fresh Deferred that fires when the session is over (one per caller)."""
+        waiter: Deferred[None] = Deferred()
+        if self.state is State.CLOSED:
+            waiter.callback(None)
+        else:
+            self._close_waiters.append(waiter)
+        return waiter
+
+    def _log_ended(self, state: State) -> None:
+        fields = self._fields()
+        fields.update(
+            event="session_ended",
+            user=self.user,
+            upstream=self._upstream_name,
+            bytes_from_client=self._bytes_in,
+            bytes_to_client=self._bytes_out,
+            duration=round(self.settings.clock.seconds() - self._started, 3),
+            ended=self._end_reason,
+            authenticated=state is State.TRANSACTION or self._upstream is not None,
+        )
+        fields.update(_prefixed("client_", tls_facts(self.transport) if self._tls_active else {}))
+        if self._upstream is not None:
+            fields.update(_prefixed("upstream_", tls_facts(self._upstream.transport)))
+            fields.update(
+                bytes_from_upstream=self._upstream.bytes_in,
+                bytes_to_upstream=self._upstream.bytes_out,
+            )
+        self.log.info(
+            "session {session_id} ended ({ended}): user {user}, upstream {upstream}, "
+            "{bytes_from_client} bytes in, {bytes_to_client} bytes out, {duration}s",
+            **fields,
+        )
+
+    # -- output -------------------------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        if not self._hung_up:
+            self._bytes_out += len(data)
+            self.transport.write(data)
+
+    def _close(self, reason: str) -> None:
+        if not self._closing:
+            self._closing = True
+            self._end_reason = reason
+            self.transport.loseConnection()
+
+    def _abort(self, reason: str) -> None:
+        """Close at once, dropping anything not yet written (a graceful close may be under way)."""
+        self._closing = True
+        self._end_reason = reason
+        if not self._hung_up:
+            self.transport.abortConnection()
+
+    # -- timers -------------------------------------------------------------------------------------
+
+    def _start_timer(self, seconds: float, reason: str) -> None:
+        self._cancel_timer()
+        self._timer = self.settings.clock.callLater(seconds, self._timed_out, seconds, reason)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timed_out(self, seconds: float, reason: str) -> None:
+        self._timer = None
+        if self.state is State.TRANSACTION and len(self._answers):
+            # An answer is still streaming to a slow client: that is not idleness.
+            self._start_timer(seconds, reason)
+            return
+        self.log.info("session {session_id}: {reason} after {seconds}s", reason=reason, seconds=seconds, **self._fields())
+        # RFC 1939 §3: an autologout timer expiring closes the connection without entering UPDATE,
+        # so the upstream is dropped without QUIT.
+        self._write(err(f"Autologout: {reason}.", "SYS/TEMP"))
+        self._close(reason)
+
+    # -- reading commands ---------------------------------------------------------------------------
+
+    def _process_lines(self) -> None:
+        """Handle buffered command lines until one of them needs to wait (a login in flight, too
+        many answers outstanding) or the buffer is empty."""
+        while self.state is not State.CLOSED and not self._reading.held:
+            line = self._lines.next_line()
+            if line is None:
+                return
+            if line is TOO_LONG:
+                self._answer(err("Command line too long."))
+            elif self.state is State.SASL:
+                assert isinstance(line, bytes)
+                self._sasl_continuation(line)
+            else:
+                assert isinstance(line, bytes)
+                self._command_line(line)
+
+    def _hold_reading(self, reason: str) -> None:
+        self._reading.hold(reason)
+
+    def _release_reading(self, reason: str) -> None:
+        self._reading.release(reason)
+        if not self._reading.held:
+            self._process_lines()
+
+    def _answer(self, data: bytes) -> None:
+        """A local answer, in order with any relayed answers still outstanding."""
+        self._answers.local(data)
+
+    def _command_line(self, line: bytes) -> None:
+        command = parse_command(line)
+        if command is None:
+            self._answer(err("Empty command."))
+            return
+        if self.state is State.TRANSACTION:
+            self._transaction(command, line)
+        else:
+            self._authorization(command)
+
+    # -- AUTHORIZATION state (RFC 1939 §4), answered by the proxy ---------------------------------------
+
+    @property
+    def _login_allowed(self) -> bool:
+        """RFC 2595 §2.1 / `require_tls`: no credentials in clear text where TLS is required."""
+        listener = self.settings.listener
+        return self._tls_active or not (listener.tls == "starttls" and listener.require_tls)
+
+    def _authorization(self, command: Command) -> None:
+        verb = command.verb
+        if verb == b"CAPA":
+            lines = capa.before_login(
+                stls=self.settings.listener.tls == "starttls" and not self._tls_active,
+                user=self._login_allowed,
+                sasl_plain=self._login_allowed,
+            )
+            self._answer(multiline(ok("Capability list follows"), lines))
+        elif verb == b"STLS":
+            self._stls()
+        elif verb == b"USER":
+            self._user_command(command)
+        elif verb == b"PASS":
+            self._pass_command(command)
+        elif verb == b"AUTH":
+            self._auth_command(command)
+        elif verb == b"NOOP":
+            self._answer(ok())
+        elif verb == b"QUIT":
+            # RFC 1939 §6: QUIT in AUTHORIZATION state ends the session, with no UPDATE.
+            self._answer(ok("Bye."))
+            self._close("quit")
+        else:
+            self._answer(err("Unknown command or not allowed before login."))
+
+    def _stls(self) -> None:
+        # RFC 2595 §4: STLS only in AUTHORIZATION state, only where offered, only once.
+        if self.settings.listener.tls != "starttls" or self._tls_active or self.settings.server_tls is None:
+            self._answer(err("STLS not available."))
+            return
+        self._answer(ok("Begin TLS negotiation."))
+        # RFC 2595 §4 (and CVE-2011-0411): anything the client sent after STLS arrived in plain text
+        # and must not be executed as if it had come over TLS. Throw it away.
+        injected = self._lines.clear()
+        if injected:
+            self.log.warn(
+                "session {session_id}: {count} bytes pipelined after STLS in plain text; discarded",
+                count=len(injected),
+                **self._fields(),
+            )
+        self.transport.startTLS(self.settings.server_tls)
+        self._tls_active = True
+        # RFC 2595 §4: forget what was learnt before TLS.
+        self._user = None
+
+    def _user_command(self, command: Command) -> None:
+        if not self._login_allowed:
+            self._answer(TLS_REQUIRED)
+        elif not command.rest:
+            self._answer(err("USER needs a user name."))
+        else:
+            self._user = command.rest
+            self._answer(ok())
+
+    def _pass_command(self, command: Command) -> None:
+        if not self._login_allowed:
+            self._answer(TLS_REQUIRED)
+        elif self._user is None:
+            self._answer(err("Send USER first."))
+        else:
+            user, self._user = self._user, None
+            self._log_in(user, command.rest)
+
+    def _auth_command(self, command: Command) -> None:
+        if not command.args:
+            # Not in RFC 5034, but Outlook-era clients send a bare AUTH to list mechanisms.
+            self._answer(multiline(ok("Mechanisms follow"), [b"PLAIN"]))
+        elif not self._login_allowed:
+            self._answer(TLS_REQUIRED)
+        elif command.args[0].upper() != b"PLAIN" or len(command.args) > 2:
+            self._answer(err("Unsupported authentication mechanism."))
+        elif len(command.args) == 2:
+            self._sasl_plain(command.args[1])
+        else:
+            # RFC 5034 §4: an empty challenge, then the client's response on a line of its own, which
+            # may be longer than a command line.
+            self.state = State.SASL
+            self._lines.max_length = MAX_SASL_LINE
+            self._answer(b"+ \r\n")
+
+    def _sasl_continuation(self, line: bytes) -> None:
+        self.state = State.AUTHORIZATION
+        self._lines.max_length = MAX_COMMAND_LINE
+        if line == b"*":
+            # RFC 5034 §4: the client cancelled; the server rejects the AUTH command with -ERR.
+            self._answer(err("Authentication cancelled."))
+        else:
+            self._sasl_plain(line)
+
+    def _sasl_plain(self, response: bytes) -> None:
+        try:
+            credentials = sasl.decode_plain(response)
+        except sasl.SaslError as error:
+            self._answer(err(f"Invalid SASL PLAIN response: {error}.", "AUTH"))
+            return
+        # RFC 4616 §2: an authorization identity other than the user's own would ask the upstream
+        # to act for someone else, which the proxy cannot pass on with USER/PASS.
+        if credentials.authzid not in (b"", credentials.authcid):
+            self._answer(err("Authorization identity not allowed.", "AUTH"))
+            return
+        self._log_in(credentials.authcid, credentials.password)
+
+    # -- logging in upstream ------------------------------------------------------------------------
+
+    def _log_in(self, user_bytes: bytes, password: bytes) -> None:
+        # No command injection upstream through credentials (nginx PR #1620 class): CR, LF and NUL
+        # never appear in what we send. Line splitting already removed LF; SASL may carry any byte.
+        if has_forbidden_bytes(user_bytes) or has_forbidden_bytes(password):
+            self._answer(err("Credentials contain forbidden characters.", "AUTH"))
+            return
+        try:
+            user = user_bytes.decode("utf-8")
+        except UnicodeDecodeError:
+            self._answer(AUTH_FAILED)
+            return
+        config = self.settings.config
+        route = config.routing.route(user)
+        if route is None:
+            self.log.info(
+                "session {session_id}: login for {user} refused: no route",
+                event="login",
+                user=user,
+                result="refused",
+                code="AUTH",
+                **self._fields(),
+            )
+            self._answer(AUTH_FAILED)
+            return
+        upstream = config.upstreams[route]
+        self.state = State.LOGGING_IN
+        self._hold_reading("login")
+        self._login = self.settings.connector.open(
+            upstream,
+            user,
+            password,
+            on_lost=self._upstream_lost,
+            log_fields={"session_id": self.session_id, "upstream": upstream.name},
+        )
+        self._login.addCallbacks(self._logged_in, self._login_failed, (user, upstream.name), None, (user, upstream.name))
+
+    def _logged_in(self, upstream: UpstreamProtocol, user: str, upstream_name: str) -> None:
+        self._login = None
+        if self.state is State.CLOSED:
+            upstream.abort()
+            return
+        self.state = State.TRANSACTION
+        self._upstream = upstream
+        self._upstream_name = upstream_name
+        self.user = user
+        self.log.info(
+            "session {session_id}: {user} logged in to {upstream}",
+            event="login",
+            user=user,
+            upstream=upstream_name,
+            result="ok",
+            **self._fields(),
+        )
+        # Back-pressure both ways: a client that reads slowly pauses reading from the upstream, an
+        # upstream that reads slowly pauses reading from the client.
+        upstream_reading = PauseGate()
+        upstream_reading.attach(upstream.transport)
+        self.transport.registerProducer(
+            HoldProducer(upstream_reading.hold, upstream_reading.release, "client busy"), True
+        )
+        upstream.transport.registerProducer(
+            HoldProducer(self._hold_reading, self._release_reading, "upstream busy"), True
+        )
+        self._start_timer(self.settings.config.limits.idle_timeout, "idle timeout")
+        self._answer(ok("Logged in."))
+        self._release_reading("login")
+
+    def _login_failed(self, failure: Failure, user: str, upstream_name: str) -> None:
+        self._login = None
+        if self.state is State.CLOSED:
+            return
+        self.state = State.AUTHORIZATION
+        error = failure.value
+        if isinstance(error, UpstreamRefused) and error.code in PASSED_LOGIN_CODES:
+            answer, code, result = err(_LOGIN_CODE_TEXT[error.code], error.code), error.code, "refused"
+        elif isinstance(error, UpstreamRefused):
+            answer, code, result = AUTH_FAILED, "AUTH", "refused"
+        else:
+            answer, code, result = UPSTREAM_DOWN, "SYS/TEMP", "unavailable"
+        reason = error.reason if isinstance(error, UpstreamUnavailable) else describe(failure)
+        self.log.info(
+            "session {session_id}: login for {user} at {upstream} failed: {reason}",
+            event="login",
+            user=user,
+            upstream=upstream_name,
+            result=result,
+            code=code,
+            reason=reason if result == "unavailable" else f"upstream said {error.code or 'no'}",
+            **self._fields(),
+        )
+        self._answer(answer)
+        self._release_reading("login")
+
+    # -- TRANSACTION state (RFC 1939 §5), relayed ----------------------------------------------------
+
+    def _transaction(self, command: Command, line: bytes) -> None:
+        upstream = self._upstream
+        assert upstream is not None
+        self._start_timer(self.settings.config.limits.idle_timeout, "idle timeout")
+        if has_forbidden_bytes(line):
+            self._answer(err("Command contains forbidden characters."))
+            return
+        if command.verb in (b"STLS", b"USER", b"PASS", b"AUTH", b"APOP"):
+            self._answer(err("Not allowed after login."))
+            return
+        if not commands.is_relayable(command, capa.names(upstream.capabilities)):
+            self._answer(err("Unknown command."))
+            return
+        if command.verb == b"QUIT":
+            self._quit_sent = True
+            self._end_reason = "quit"
+        upstream.request(command.to_line(), self.sink_for(command), expects_body=commands.expects_body(command))
+        if len(self._answers) >= MAX_OUTSTANDING:
+            self._hold_reading("pipeline full")
+
+    def sink_for(self, command: Command) -> ResponseSink:
+        """The sink that carries the answer to ``command`` back to the client.
+
+        The one place to intercept answers to RETR, TOP, LIST and STAT (message hooks, size
+        accounting): return another sink here. The sink must call ``AnswerQueue.finished`` when its
+        answer has been written, in order.
+        """
+        if command.verb == b"CAPA":
+            return FilteringSink(self._answers, self._write, self._upstream_broke, capa.after_login)
+        if command.verb == b"QUIT":
+            return _QuitSink(self._answers, self._write, self._upstream_broke, self._quit_answered)
+        return RelaySink(self._answers, self._write, self._upstream_broke)
+
+    def _answers_idle(self) -> None:
+        self._release_reading("pipeline full")
+
+    def _quit_answered(self) -> None:
+        if self._upstream is not None:
+            self._upstream.transport.loseConnection()
+        if self.state is not State.CLOSED:
+            self._close("quit")
+
+    def _upstream_broke(self) -> None:
+        """The upstream went away in the middle of an answer: abort, so that the client sees a broken
+        connection rather than a complete-looking, truncated message."""
+        if self.state is not State.CLOSED:
+            self._abort("upstream lost mid-answer")
+
+    def _upstream_lost(self, reason: Failure) -> None:
+        if self.state is State.CLOSED or self._closing:
+            return
+        if self._upstream is not None and not self._quit_sent:
+            self.log.warn(
+                "session {session_id}: upstream connection lost: {reason}",
+                reason=describe(reason),
+                **self._fields(),
+            )
+        self._close("upstream closed")
+
+
+class _QuitSink(RelaySink):
+    """QUIT's answer: relayed, then both connections are closed."""
+
+    def __init__(self, queue: AnswerQueue, write: Callable[[bytes], None], abort: Callable[[], None], done: Callable[[], None]) -> None:
+        super().__init__(queue, write, abort)
+        self._done = done
+
+    def end(self) -> None:
+        super().end()
+        self._done()
+
+    def failed(self, reason: Failure) -> None:
+        self._done()
+
+
+def _prefixed(prefix: str, facts: dict[str, str]) -> dict[str, str]:
+    return {prefix + key: value for key, value in facts.items()}

@@ -1,0 +1,122 @@
+"""Opening a logged-in upstream connection: addresses in order, TLS as configured, deadlines."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.error import TimeoutError as TwistedTimeoutError
+from twisted.internet.interfaces import IReactorTCP, IReactorTime, IStreamClientEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ..config import Address, UpstreamConfig
+from ..tls import client_tls
+from .upstream import UpstreamProtocol, UpstreamRefused, UpstreamUnavailable, describe
+
+EndpointFactory = Callable[[Address, UpstreamConfig], IStreamClientEndpoint]
+
+# How long the upstream may take over greeting, CAPA, STLS, USER and PASS together, after the TCP
+# connection is up. Generous: Dovecot alone delays a failed login by 2 s.
+LOGIN_DEADLINE = 60.0
+
+log = Logger()
+
+
+class UpstreamConnector:
+    """Makes logged-in ``UpstreamProtocol`` connections.
+
+    :param endpoint_for: builds the client endpoint for one address; tests pass an in-memory one.
+    """
+
+    def __init__(self, reactor: IReactorTime, endpoint_for: EndpointFactory | None = None) -> None:
+        self._reactor = reactor
+        self._endpoint_for = endpoint_for or self._default_endpoint
+
+    def _default_endpoint(self, address: Address, upstream: UpstreamConfig) -> IStreamClientEndpoint:
+        reactor: IReactorTCP = self._reactor  # type: ignore[assignment]
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(
+            reactor, address.host, address.port, timeout=upstream.connect_timeout
+        )
+        if upstream.tls == "implicit":
+            endpoint = wrapClientTLS(client_tls(upstream), endpoint)
+        return endpoint
+
+    def open(
+        self,
+        upstream: UpstreamConfig,
+        user: str,
+        password: bytes,
+        *,
+        on_lost: Callable[[Failure], None],
+        log_fields: dict[str, object],
+    ) -> Deferred[UpstreamProtocol]:
+        """Connect to ``upstream`` and log in as ``user``.
+
+        Fires with the protocol, ready to relay; fails with ``UpstreamRefused`` (the upstream's
+        verdict) or ``UpstreamUnavailable`` (everything else). Cancelling drops any connection made.
+        """
+        return ensureDeferred(self._open(upstream, user, password, on_lost, log_fields))
+
+    async def _open(
+        self,
+        upstream: UpstreamConfig,
+        user: str,
+        password: bytes,
+        on_lost: Callable[[Failure], None],
+        log_fields: dict[str, object],
+    ) -> UpstreamProtocol:
+        protocol = await self._connect(upstream, log_fields)
+        login = ensureDeferred(
+            protocol.log_in(
+                upstream.login_name(user).encode("utf-8"),
+                password,
+                starttls=upstream.tls == "starttls",
+            )
+        )
+        login.addTimeout(LOGIN_DEADLINE, self._reactor)
+        try:
+            await login
+        except UpstreamRefused:
+            protocol.quit()
+            raise
+        except (TwistedTimeoutError, CancelledError):
+            protocol.abort()
+            raise UpstreamUnavailable("no answer while logging in") from None
+        except UpstreamUnavailable:
+            protocol.abort()
+            raise
+        except Exception as error:  # connection lost during login, TLS verification failure, ...
+            protocol.abort()
+            raise UpstreamUnavailable(describe(error)) from None
+        protocol.on_lost = on_lost
+        return protocol
+
+    async def _connect(self, upstream: UpstreamConfig, log_fields: dict[str, object]) -> UpstreamProtocol:
+        """Try each address in turn; the first that accepts the TCP connection wins."""
+        failures = []
+        for address in upstream.addresses:
+            protocol = UpstreamProtocol(
+                tls=client_tls(upstream) if upstream.tls == "starttls" else None,
+                log_fields=log_fields,
+            )
+            attempt = connectProtocol(self._endpoint_for(address, upstream), protocol)
+            attempt.addTimeout(upstream.connect_timeout, self._reactor)
+            try:
+                await attempt
+            except CancelledError:
+                raise
+            except Exception as error:
+                reason = "timed out" if isinstance(error, TwistedTimeoutError) else describe(error)
+                failures.append(f"{address}: {reason}")
+                log.warn(
+                    "upstream {upstream} at {address} unreachable: {reason}",
+                    upstream=upstream.name,
+                    address=str(address),
+                    reason=reason,
+                    **log_fields,
+                )
+                continue
+            return protocol
+        raise UpstreamUnavailable("; ".join(failures) or "no address")

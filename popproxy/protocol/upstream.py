@@ -1,0 +1,265 @@
+"""The upstream leg: one connection to the POP3 server chosen for the user.
+
+``UpstreamProtocol`` sends commands and hands each answer to the sink that came with the command. It
+logs in by itself (greeting, CAPA, optional STLS, USER, PASS) before it relays anything for the
+client, and it enforces the upstream's pipelining rules: commands go out together only when the
+upstream's CAPA lists PIPELINING (RFC 2449 §6.6), otherwise one at a time.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ..pop3 import capa
+from ..pop3.framing import ResponseReader
+from ..pop3.wire import CRLF, is_ok, response_code
+from .responses import CollectSink, ResponseSink
+
+# RFC 1939 §3 caps a status line at 512 octets; leave room for servers that exceed it a little.
+MAX_STATUS_LINE = 8192
+
+# RFC 3206 codes from the upstream that the client must see as they are: they tell it to wait or to
+# stop retrying, which [AUTH] would not.
+PASSED_LOGIN_CODES = frozenset({"IN-USE", "LOGIN-DELAY", "SYS/TEMP", "SYS/PERM"})
+
+
+class UpstreamUnavailable(Exception):
+    """The upstream could not be reached or failed before the credentials were checked.
+
+    The client gets ``-ERR [SYS/TEMP]``; ``reason`` is for the log and never holds a credential.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class UpstreamRefused(Exception):
+    """The upstream refused the credentials; ``code`` is its RFC 3206 response code, if any."""
+
+    def __init__(self, code: str | None) -> None:
+        super().__init__(code or "refused")
+        self.code = code
+
+
+@dataclass(slots=True)
+class _Request:
+    line: bytes | None  # None for the greeting, which nobody asks for
+    sink: ResponseSink
+    expects_body: bool
+
+
+@implementer(IHandshakeListener)
+class UpstreamProtocol(Protocol):
+    """One upstream POP3 connection.
+
+    :param tls: client TLS options for STLS (``starttls`` upstreams), or None.
+    :param on_lost: called with the reason when the connection ends, after in-flight sinks failed.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        *,
+        tls: IOpenSSLClientConnectionCreator | None = None,
+        on_lost: Callable[[Failure], None] | None = None,
+        log_fields: dict[str, object] | None = None,
+    ) -> None:
+        self._tls = tls
+        self.on_lost = on_lost
+        self._log_fields = log_fields or {}
+        self._reader = ResponseReader(self, MAX_STATUS_LINE)
+        self._greeting = CollectSink()
+        # Sent and awaiting an answer, oldest first; the greeting counts as one.
+        self._inflight: deque[_Request] = deque([_Request(None, self._greeting, False)])
+        # Not sent yet, because the upstream does not pipeline.
+        self._waiting: deque[_Request] = deque()
+        self._handshake: Deferred[None] | None = None
+        self.pipelining = False
+        self.capabilities: list[bytes] = []
+        self.connected_tls = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.closed = False
+
+    # -- Twisted callbacks -------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        set_no_delay(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self._reader.feed(data)
+
+    def handshakeCompleted(self) -> None:
+        self.connected_tls = True
+        if self._handshake is not None:
+            waiting, self._handshake = self._handshake, None
+            waiting.callback(None)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.closed = True
+        requests = list(self._inflight) + list(self._waiting)
+        self._inflight.clear()
+        self._waiting.clear()
+        if self._handshake is not None:
+            waiting, self._handshake = self._handshake, None
+            waiting.errback(reason)
+        for request in requests:
+            request.sink.failed(reason)
+        if self.on_lost is not None:
+            self.on_lost(reason)
+
+    # -- sending -----------------------------------------------------------------------------------
+
+    def request(self, line: bytes, sink: ResponseSink, *, expects_body: bool) -> None:
+        """Send ``line`` (with its CRLF) now, or once the answers before it are in."""
+        request = _Request(line, sink, expects_body)
+        if self.closed:
+            sink.failed(Failure(ConnectionError("upstream connection closed")))
+        elif self.pipelining or not (self._inflight or self._waiting):
+            self._send(request)
+        else:
+            self._waiting.append(request)
+
+    def _send(self, request: _Request) -> None:
+        assert request.line is not None
+        self._inflight.append(request)
+        self.bytes_out += len(request.line)
+        self.transport.write(request.line)
+
+    @property
+    def idle(self) -> bool:
+        """No command is waiting for an answer."""
+        return not (self._inflight or self._waiting)
+
+    # -- ResponseHandler (called by the reader) ----------------------------------------------------
+
+    def status_received(self, line: bytes) -> bool:
+        if not self._inflight:
+            # Nothing was asked: an upstream that talks out of turn would shift every later answer
+            # onto the wrong command, so it is not believed any further.
+            self.log.warn(
+                "upstream sent an unsolicited line; closing",
+                **self._log_fields,
+            )
+            self.transport.abortConnection()
+            return False
+        request = self._inflight[0]
+        has_body = request.expects_body and is_ok(line)
+        request.sink.status(line, has_body)
+        if not has_body:
+            self._complete()
+        return has_body
+
+    def body_received(self, data: bytes) -> None:
+        self._inflight[0].sink.body(data)
+
+    def body_ended(self) -> None:
+        self._complete()
+
+    def line_too_long(self) -> None:
+        self.log.warn("upstream status line too long; closing", **self._log_fields)
+        self.transport.abortConnection()
+
+    def _complete(self) -> None:
+        request = self._inflight.popleft()
+        if self._waiting and not self._inflight:
+            self._send(self._waiting.popleft())
+        request.sink.end()
+
+    def pause_reading(self) -> None:
+        """Stop handing answers on (a sink that needs time) until ``resume_reading``."""
+        self._reader.pause()
+
+    def resume_reading(self) -> None:
+        self._reader.resume()
+
+    # -- logging in --------------------------------------------------------------------------------
+
+    async def _ask(self, line: bytes, expects_body: bool = False) -> tuple[bytes, list[bytes]]:
+        sink = CollectSink()
+        self.request(line, sink, expects_body=expects_body)
+        return await sink.result
+
+    async def log_in(self, name: bytes, password: bytes, *, starttls: bool) -> None:
+        """Greeting, CAPA, STLS if asked for, then USER and PASS.
+
+        Raises ``UpstreamUnavailable`` for anything that is not the upstream's verdict on the
+        credentials, and ``UpstreamRefused`` for that verdict. With ``starttls`` no credential is
+        sent before the TLS handshake has completed and the certificate was verified.
+        """
+        greeting, _ = await self._greeting.result
+        if not is_ok(greeting):
+            raise UpstreamUnavailable("greeting was not +OK")
+        status, lines = await self._ask(b"CAPA" + CRLF, expects_body=True)
+        if starttls:
+            if not (is_ok(status) and b"STLS" in capa.names(lines)):
+                raise UpstreamUnavailable("upstream does not offer STLS")
+            await self._start_tls()
+            status, lines = await self._ask(b"CAPA" + CRLF, expects_body=True)
+        self.capabilities = lines if is_ok(status) else []
+        self.pipelining = b"PIPELINING" in capa.names(self.capabilities)
+        status, _ = await self._ask(b"USER " + name + CRLF)
+        if is_ok(status):
+            status, _ = await self._ask(b"PASS " + password + CRLF)
+        if not is_ok(status):
+            raise UpstreamRefused(response_code(status))
+
+    async def _start_tls(self) -> None:
+        status, _ = await self._ask(b"STLS" + CRLF)
+        if not is_ok(status):
+            raise UpstreamUnavailable("upstream refused STLS")
+        # RFC 2595 §4 / RFC 3207 §6: whatever followed the +OK in plain text was not protected by TLS;
+        # a man in the middle may have appended answers to commands we have not sent yet.
+        injected = self._reader.take_buffer()
+        if injected:
+            self.log.warn(
+                "upstream sent {count} bytes in plain text after +OK to STLS; discarded",
+                count=len(injected),
+                **self._log_fields,
+            )
+        self._handshake = Deferred()
+        self.transport.startTLS(self._tls)
+        try:
+            await self._handshake
+        except Exception as error:
+            raise UpstreamUnavailable(f"TLS handshake failed: {describe(error)}") from None
+
+    def quit(self) -> None:
+        """Say goodbye politely where nothing is at stake (before login, or after a refusal)."""
+        if not self.closed:
+            goodbye = CollectSink()
+            goodbye.result.addErrback(lambda _: None)  # nobody waits for the answer
+            self.request(b"QUIT" + CRLF, goodbye, expects_body=False)
+            self.transport.loseConnection()
+
+    def abort(self) -> None:
+        """Drop the connection without QUIT: the upstream must not enter UPDATE state (RFC 1939 §6)."""
+        if not self.closed:
+            self.transport.abortConnection()
+
+
+def set_no_delay(transport: object) -> None:
+    """Disable Nagle: a response's last small segment must not wait for a delayed ACK (40 ms)."""
+    try:
+        transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
+    except Exception:  # not TCP (a UNIX socket, a memory transport)
+        pass
+
+
+def describe(error: BaseException | Failure) -> str:
+    """A short, credential-free description of a connection or TLS failure, for logs."""
+    value = error.value if isinstance(error, Failure) else error
+    text = str(value) or type(value).__name__
+    return f"{type(value).__name__}: {text}"[:300]

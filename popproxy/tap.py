@@ -1,0 +1,69 @@
+"""``twistd popproxy``: command-line options and the service they build.
+
+The only module that reads the command line. Everything below it receives a validated
+``ProxyConfig`` and an explicit reactor.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from .config import ConfigError, ProxyConfig, load_config
+
+DEFAULT_CONFIG = "/etc/popproxy/popproxy.toml"
+
+
+class Options(usage.Options):
+    synopsis = "[-c FILE] [--check]"
+    longdesc = (
+        "Run the popproxy POP3 proxy. Listeners, upstreams, routing and limits come from the TOML "
+        "file given with --config (see conf/popproxy.toml for every key). With --check, validate the "
+        "file, including every certificate and key, and exit: 0 if it is good, 1 with the file, the "
+        "key and the reason if not."
+    )
+    optParameters = [
+        ["config", "c", DEFAULT_CONFIG, "Path to the TOML configuration file."],
+    ]
+    optFlags = [
+        ["check", None, "Validate the configuration (TOML, endpoints, TLS files) and exit."],
+    ]
+
+    config: ProxyConfig
+
+    def postOptions(self) -> None:
+        # Validation happens here, before twistd writes a PID file or daemonizes, so that a bad
+        # configuration exits non-zero with a one-line reason and no usage dump.
+        try:
+            self.config = validated_config(self["config"])
+        except ConfigError as error:
+            print(f"popproxy: configuration error: {error}", file=sys.stderr)
+            raise SystemExit(1) from None
+        if self["check"]:
+            print(f"popproxy: {self.config.path}: configuration OK")
+            raise SystemExit(0)
+
+
+def validated_config(path: str) -> ProxyConfig:
+    """Load ``path`` and check everything that can be checked without listening: endpoint strings
+    and every TLS context (a certificate that does not match its key fails here, not at the first
+    handshake)."""
+    from twisted.internet import reactor
+
+    from .listeners import check_endpoints
+    from .tls import check_tls
+
+    config = load_config(path)
+    check_endpoints(reactor, config)
+    check_tls(config)
+    return config
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    from .service import ProxyService
+
+    return ProxyService(options.config, reactor)  # type: ignore[arg-type]
