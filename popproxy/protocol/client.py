@@ -326,7 +326,7 @@ class ClientProtocol(Protocol):
 
     @property
     def _login_allowed(self) -> bool:
-        """RFC 2595 §2.1 / `require_tls`: no credentials in clear text where TLS is required."""
+        """RFC 2595 §2.2 / `require_tls`: no credentials in clear text where TLS is required."""
         listener = self.settings.listener
         return self._tls_active or not (listener.tls == "starttls" and listener.require_tls)
 

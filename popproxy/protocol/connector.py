@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import TimeoutError as TwistedTimeoutError
 from twisted.internet.interfaces import IReactorTCP, IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -22,6 +23,12 @@ EndpointFactory = Callable[[Address, UpstreamConfig], IStreamClientEndpoint]
 LOGIN_DEADLINE = 60.0
 
 log = Logger()
+
+
+class _Quiet(Factory):
+    """``connectProtocol`` without its "Starting factory" log line on every login."""
+
+    noisy = False
 
 
 class UpstreamConnector:
@@ -67,10 +74,14 @@ class UpstreamConnector:
         on_lost: Callable[[Failure], None],
         log_fields: dict[str, object],
     ) -> UpstreamProtocol:
+        name = upstream.login_name(user)
+        if not name:
+            # login_as = "{domain}" for a user without a domain, say: nothing to log in as.
+            raise UpstreamRefused(None)
         protocol = await self._connect(upstream, log_fields)
         login = ensureDeferred(
             protocol.log_in(
-                upstream.login_name(user).encode("utf-8"),
+                name.encode("utf-8"),
                 password,
                 starttls=upstream.tls == "starttls",
             )
@@ -101,7 +112,7 @@ class UpstreamConnector:
                 tls=client_tls(upstream) if upstream.tls == "starttls" else None,
                 log_fields=log_fields,
             )
-            attempt = connectProtocol(self._endpoint_for(address, upstream), protocol)
+            attempt = self._endpoint_for(address, upstream).connect(_Quiet.forProtocol(lambda: protocol))
             attempt.addTimeout(upstream.connect_timeout, self._reactor)
             try:
                 await attempt

@@ -1,0 +1,544 @@
+"""Load and validate popproxy's TOML configuration into frozen dataclasses.
+
+Pure on purpose: stdlib only, no Twisted, so every rule is unit tested without a reactor and a
+configuration can be checked before anything listens. The loader is strict. An unknown key, a value
+outside its allowed set, or a key that has no effect where it is written (``require_tls`` on a plain
+listener, ``verify`` on a plain upstream) is an error, because a proxy that carries passwords must
+never run with settings the operator believes in but that do nothing. Every error names the file,
+the key (``listen[0].certificate``, ``upstream.legacy.tls``) and the reason.
+
+``conf/popproxy.toml`` documents every key; ``tests/test_config.py`` checks that it loads.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import math
+import os
+import re
+import string
+import tomllib
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Final
+
+__all__ = [
+    "Address",
+    "ConfigError",
+    "LimitsConfig",
+    "ListenerConfig",
+    "ProxyConfig",
+    "RoutingConfig",
+    "UpstreamConfig",
+    "load_config",
+    "parse_config",
+]
+
+TLS_MODES: Final = ("none", "starttls", "implicit")
+TLS_VERSIONS: Final = ("1.2", "1.3")
+ENDPOINT_TYPES: Final = ("tcp", "tcp6", "unix", "systemd")
+LOGIN_PLACEHOLDERS: Final = ("user", "local", "domain")
+DEFAULT_PROXY_FROM: Final = ("127.0.0.1/32", "::1/128")
+DEFAULT_LOGIN_TIMEOUT: Final = 60.0
+DEFAULT_IDLE_TIMEOUT: Final = 600.0  # RFC 1939 §3: an autologout timer "MUST be of at least 10 minutes"
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Upstream names appear in keys ("upstream.NAME.tls"), logs and metric labels: keep them plain.
+_UPSTREAM_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+class ConfigError(Exception):
+    """A configuration that popproxy refuses to run with.
+
+    :ivar path: the configuration file.
+    :ivar key: where in it, e.g. ``listen[0].certificate``; ``-`` for the file as a whole.
+    :ivar reason: what is wrong, in words an operator can act on.
+    """
+
+    path: str
+    key: str
+    reason: str
+
+    def __init__(self, path: str | os.PathLike[str], key: str, reason: str) -> None:
+        super().__init__(str(path), key, reason)
+        self.path = str(path)
+        self.key = key
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.key}: {self.reason}"
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """One upstream ``host:port``; ``host`` holds an IPv6 address without its brackets."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    """One ``[[listen]]`` table: where clients connect and how TLS is offered to them."""
+
+    key: str
+    endpoint: str
+    tls: str
+    certificates: tuple[Path, ...]
+    tls_min_version: str
+    require_tls: bool
+    proxy_from: tuple[IPNetwork, ...]
+
+    @property
+    def haproxy(self) -> bool:
+        """Whether clients arrive through a load balancer that sends a PROXY protocol header."""
+        return self.endpoint.startswith("haproxy:")
+
+    @property
+    def inner_endpoint(self) -> str:
+        """The endpoint without ``haproxy:``.
+
+        Implicit TLS behind HAProxy must listen on the inner endpoint and wrap TLS itself: the
+        ``haproxy:`` wrapper expects the PROXY header inside TLS, while HAProxy sends it before the
+        ClientHello (TWISTED-NOTES gotcha 2).
+        """
+        return self.endpoint.removeprefix("haproxy:")
+
+    def allows_proxy_peer(self, ip: str) -> bool:
+        """Whether the peer at ``ip`` may send a PROXY header, i.e. may claim any client address.
+
+        IPv4-mapped IPv6 addresses (``::ffff:127.0.0.1``, seen on dual-stack ``tcp6`` listeners)
+        count as their IPv4 address. Anything that is not an IP address (a UNIX socket peer) is
+        refused: protect ``haproxy:unix:`` sockets with file permissions instead.
+        """
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.proxy_from)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """One ``[upstream.NAME]`` table: a POP3 server that users are routed to."""
+
+    name: str
+    addresses: tuple[Address, ...]
+    tls: str
+    connect_timeout: float
+    verify: bool
+    ca: Path | None
+    server_name: str
+    login_as: str
+
+    def login_name(self, user: str) -> str:
+        """The name to send upstream for ``user``, by the ``login_as`` template.
+
+        ``{local}`` and ``{domain}`` split at the *last* ``@`` (``a@b@c`` -> ``a@b`` and ``c``),
+        the same split that routing uses. Without an ``@``, ``{local}`` is the whole name and
+        ``{domain}`` is empty, so the result can be empty: callers must refuse an empty name.
+        """
+        local, at, domain = user.rpartition("@")
+        if not at:
+            local, domain = user, ""
+        return self.login_as.format(user=user, local=local, domain=domain)
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingConfig:
+    """Which upstream serves which user (``[routing]``)."""
+
+    default: str | None
+    users: Mapping[str, str]
+    domains: Mapping[str, str]
+
+    def route(self, user: str) -> str | None:
+        """The upstream name for ``user``, or None to refuse the login.
+
+        Precedence: the exact user name (case-sensitive, as POP3 servers treat it), then the
+        domain after the last ``@`` (case-insensitive, as DNS is), then ``default``.
+        """
+        if user in self.users:
+            return self.users[user]
+        _, at, domain = user.rpartition("@")
+        if at and domain.lower() in self.domains:
+            return self.domains[domain.lower()]
+        return self.default
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """Session timeouts in seconds (``[limits]``).
+
+    RFC 1939 §3 requires a server's inactivity autologout timer to be at least 10 minutes, so the
+    ``idle_timeout`` default is 600. Shorter values are accepted, for proxies whose clients are
+    known, but they break the RFC's promise to slow clients.
+    """
+
+    login_timeout: float = DEFAULT_LOGIN_TIMEOUT
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    """The whole configuration. ``upstreams`` is read-only (a ``MappingProxyType``)."""
+
+    path: Path
+    listeners: tuple[ListenerConfig, ...]
+    upstreams: Mapping[str, UpstreamConfig]
+    routing: RoutingConfig
+    limits: LimitsConfig
+
+
+def load_config(path: str | os.PathLike[str]) -> ProxyConfig:
+    """Read and validate the configuration file at ``path``.
+
+    The path is made absolute first, so relative file names inside it keep meaning the same
+    files after the process changes directory (twistd's ``--rundir``) and on reload.
+
+    :raises ConfigError: for any problem, an unreadable file included (key ``-``).
+    """
+    path = Path(path).absolute()
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(path, "-", f"cannot read: {error.strerror or error}") from None
+    try:
+        text = data.decode("utf-8")  # TOML 1.0: "A TOML file must be a valid UTF-8 encoded Unicode document"
+    except UnicodeDecodeError as error:
+        raise ConfigError(path, "-", f"not UTF-8: {error}") from None
+    return parse_config(text, path)
+
+
+def parse_config(text: str, path: Path) -> ProxyConfig:
+    """Validate TOML ``text``; ``path`` names it in errors and anchors relative file names.
+
+    :raises ConfigError: for any problem.
+    """
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:  # its message carries "(at line L, column C)"
+        raise ConfigError(path, "-", f"TOML syntax error: {error}") from None
+    root = _Table(data, "", path, ("listen", "upstream", "routing", "limits"))
+    listeners = _listeners(root, path.parent)
+    upstreams = _upstreams(root, path.parent)
+    routing = _routing(
+        _Table(root.take("routing", dict, {}), "routing", path, ("default", "users")), upstreams
+    )
+    limits = _limits(_Table(root.take("limits", dict, {}), "limits", path, ("login_timeout", "idle_timeout")))
+    return ProxyConfig(path, listeners, MappingProxyType(upstreams), routing, limits)
+
+
+# --- one function per table ------------------------------------------------------------------------
+
+
+def _listeners(root: _Table, base: Path) -> tuple[ListenerConfig, ...]:
+    tables = root.take("listen", list, [])
+    if not tables:
+        raise root.error("listen", "at least one [[listen]] table is required")
+    return tuple(
+        _listener(_Table(table, f"listen[{index}]", root.path, _LISTENER_KEYS), base)
+        for index, table in enumerate(tables)
+    )
+
+
+_LISTENER_KEYS = ("endpoint", "tls", "certificate", "tls_min_version", "require_tls", "proxy_from")
+
+
+def _listener(t: _Table, base: Path) -> ListenerConfig:
+    endpoint = _endpoint(t)
+    tls = _choice(t, "tls", TLS_MODES)
+    if tls == "none":
+        t.reject_if_present(("certificate", "tls_min_version"), 'has no effect with tls = "none"')
+        certificates: tuple[Path, ...] = ()
+    else:
+        certificates = tuple(_file(t, key, name, base) for key, name in _strings(t, "certificate"))
+    tls_min_version = _choice(t, "tls_min_version", TLS_VERSIONS, "1.2")
+    if tls != "starttls":
+        # implicit TLS is always on; on a plain listener "require_tls = true" would be a lie
+        t.reject_if_present(("require_tls",), 'only applies to tls = "starttls" listeners')
+    require_tls = t.take("require_tls", bool, True) if tls == "starttls" else False
+    haproxy = endpoint.startswith("haproxy:")
+    if not haproxy:
+        t.reject_if_present(("proxy_from",), 'only applies to "haproxy:" endpoints')
+    proxy_from = _networks(t, "proxy_from", DEFAULT_PROXY_FROM) if haproxy else ()
+    return ListenerConfig(t.key, endpoint, tls, certificates, tls_min_version, require_tls, proxy_from)
+
+
+def _endpoint(t: _Table) -> str:
+    """Check the endpoint's type only; Twisted parses the rest when the listener starts."""
+    endpoint: str = t.take("endpoint", str)
+    kind, _, arguments = endpoint.removeprefix("haproxy:").partition(":")
+    if kind in ("ssl", "tls"):
+        raise t.error(
+            "endpoint",
+            f'"{kind}:" endpoints are not allowed: TLS comes from the listener\'s tls key '
+            '(tls = "implicit" with a tcp: endpoint)',
+        )
+    if kind not in ENDPOINT_TYPES:
+        raise t.error(
+            "endpoint",
+            f'endpoint type must be one of {", ".join(ENDPOINT_TYPES)} (optionally behind "haproxy:"), '
+            f"not {kind!r}",
+        )
+    if not arguments:
+        raise t.error("endpoint", f'{endpoint!r} lacks its arguments, e.g. "tcp:110"')
+    return endpoint
+
+
+def _networks(t: _Table, name: str, default: tuple[str, ...]) -> tuple[IPNetwork, ...]:
+    values = t.take(name, list, list(default))
+    if not values:
+        raise t.error(name, "must not be empty: no load balancer could connect")
+    networks = []
+    for index, value in enumerate(values):
+        key = f"{name}[{index}]"
+        if not isinstance(value, str):
+            raise t.error(key, f"must be a string, not {_toml_type(value)}")
+        try:
+            networks.append(ipaddress.ip_network(value, strict=True))
+        except ValueError as error:  # e.g. "10.0.0.1/8 has host bits set"
+            raise t.error(key, str(error)) from None
+    return tuple(networks)
+
+
+def _upstreams(root: _Table, base: Path) -> dict[str, UpstreamConfig]:
+    tables = root.take("upstream", dict, {})
+    if not tables:
+        raise root.error("upstream", "at least one [upstream.NAME] table is required")
+    upstreams = {}
+    for name, table in tables.items():
+        key = f"upstream.{name}"
+        if not _UPSTREAM_NAME.fullmatch(name):
+            raise ConfigError(root.path, key, "upstream names may only use letters, digits, '_' and '-'")
+        upstreams[name] = _upstream(name, _Table(table, key, root.path, _UPSTREAM_KEYS), base)
+    return upstreams
+
+
+_UPSTREAM_KEYS = ("address", "tls", "connect_timeout", "verify", "ca", "server_name", "login_as")
+
+
+def _upstream(name: str, t: _Table, base: Path) -> UpstreamConfig:
+    addresses = tuple(_address(t, key, text) for key, text in _strings(t, "address"))
+    tls = _choice(t, "tls", TLS_MODES)
+    connect_timeout = _seconds(t, "connect_timeout", 10.0)
+    if tls == "none":
+        t.reject_if_present(("verify", "ca", "server_name"), 'has no effect with tls = "none"')
+    verify = t.take("verify", bool, True)
+    ca_name = t.take("ca", str, None)
+    if ca_name is not None and not verify:
+        raise t.error("ca", "has no effect with verify = false")
+    ca = None if ca_name is None else _file(t, "ca", ca_name, base)
+    server_name = t.take("server_name", str, addresses[0].host)
+    if not server_name or server_name != server_name.strip() or server_name.startswith("["):
+        raise t.error("server_name", f"{server_name!r} is not a host name or IP address (no brackets)")
+    login_as = _login_as(t)
+    return UpstreamConfig(name, addresses, tls, connect_timeout, verify, ca, server_name, login_as)
+
+
+def _address(t: _Table, key: str, text: str) -> Address:
+    """Parse ``host:port`` or ``[IPv6]:port``; no default port, since it depends on the TLS mode."""
+    if text.startswith("["):
+        host, bracket, port = text[1:].partition("]:")
+        if not bracket:
+            raise t.error(key, f'{text!r}: expected "[IPv6 address]:port"')
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise t.error(key, f"{text!r}: {host!r} is not an IPv6 address") from None
+    else:
+        host, colon, port = text.rpartition(":")
+        if not colon or not host:
+            raise t.error(key, f'{text!r}: expected "host:port"')
+        if ":" in host:
+            raise t.error(key, f'{text!r}: put an IPv6 address in brackets, as in "[::1]:110"')
+    if any(c.isspace() for c in host):
+        raise t.error(key, f"{text!r}: the host contains white space")
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise t.error(key, f"{text!r}: the port must be a number from 1 to 65535")
+    return Address(host, int(port))
+
+
+def _login_as(t: _Table) -> str:
+    template: str = t.take("login_as", str, "{user}")
+    allowed = ", ".join(f"{{{name}}}" for name in LOGIN_PLACEHOLDERS)
+    if not template:
+        raise t.error("login_as", f"must not be empty; use {allowed}")
+    try:
+        fields = [
+            (name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+        ]
+    except ValueError as error:  # "{user" and friends
+        raise t.error("login_as", f"{template!r} is not a valid template: {error}") from None
+    for name, spec, conversion in fields:
+        if name is None:
+            continue  # literal text only
+        if name not in LOGIN_PLACEHOLDERS or spec or conversion:
+            shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise t.error("login_as", f"{shown} is not allowed: the only placeholders are {allowed}")
+    return template
+
+
+def _routing(t: _Table, upstreams: Mapping[str, UpstreamConfig]) -> RoutingConfig:
+    def check_target(key: str, target: object) -> str:
+        if not isinstance(target, str):
+            raise ConfigError(t.path, key, f"must be an upstream name (a string), not {_toml_type(target)}")
+        if target not in upstreams:
+            known = ", ".join(sorted(upstreams))
+            raise ConfigError(t.path, key, f"unknown upstream {target!r} (defined: {known})")
+        return target
+
+    default = t.take("default", str, None)
+    if default is not None:
+        check_target("routing.default", default)
+    users: dict[str, str] = {}
+    domains: dict[str, str] = {}
+    domain_keys: dict[str, str] = {}
+    for name, target in t.take("users", dict, {}).items():
+        key = f"routing.users.{name}"
+        if not name or any(c.isspace() or not c.isprintable() for c in name):
+            raise ConfigError(
+                t.path, key, "a user name must be non-empty, without spaces or control characters"
+            )
+        target = check_target(key, target)
+        if not name.startswith("@"):
+            users[name] = target
+            continue
+        domain = name[1:].lower()
+        if not domain or "@" in domain:
+            raise ConfigError(t.path, key, 'a domain entry must look like "@example.org"')
+        if domain in domains:
+            raise ConfigError(
+                t.path, key, f"same domain as {domain_keys[domain]!r}: domains match case-insensitively"
+            )
+        domains[domain] = target
+        domain_keys[domain] = name
+    if default is None and not users and not domains:
+        raise ConfigError(t.path, "routing", "no routes: set routing.default or add [routing.users] entries")
+    return RoutingConfig(default, MappingProxyType(users), MappingProxyType(domains))
+
+
+def _limits(t: _Table) -> LimitsConfig:
+    return LimitsConfig(
+        login_timeout=_seconds(t, "login_timeout", DEFAULT_LOGIN_TIMEOUT),
+        idle_timeout=_seconds(t, "idle_timeout", DEFAULT_IDLE_TIMEOUT),
+    )
+
+
+# --- typed access to one table -----------------------------------------------------------------------
+
+_REQUIRED: Final[Any] = object()
+
+
+class _Table:
+    """One TOML table being read: unknown keys are refused up front, then ``take`` type-checks.
+
+    Checking unknown keys first means a misspelt key is reported as such ("did you mean ...")
+    rather than as the required key it was meant to be.
+    """
+
+    def __init__(self, data: object, key: str, path: Path, keys: Collection[str]) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(path, key or "-", f"must be a table, not {_toml_type(data)}")
+        self.data: dict[str, object] = data
+        self.key = key
+        self.path = path
+        for name in data:
+            if name not in keys:
+                close = difflib.get_close_matches(name, keys, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(keys)}"
+                raise self.error(name, "unknown key" + hint)
+
+    def error(self, name: str, reason: str) -> ConfigError:
+        """An error about ``name`` in this table (``name`` may carry an index: ``address[1]``)."""
+        return ConfigError(self.path, f"{self.key}.{name}" if self.key else name, reason)
+
+    def take(self, name: str, kind: type | tuple[type, ...], default: Any = _REQUIRED) -> Any:
+        """The value of ``name`` if it is a ``kind`` (a bool is never an int), else ``default``."""
+        if name not in self.data:
+            if default is _REQUIRED:
+                raise self.error(name, "required")
+            return default
+        value = self.data[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        bool_refused = isinstance(value, bool) and bool not in kinds and object not in kinds
+        if not isinstance(value, kinds) or bool_refused:
+            expected = _TYPE_NAMES.get(kinds) or " or ".join(_TYPE_NAMES[(k,)] for k in kinds)
+            raise self.error(name, f"must be {expected}, not {_toml_type(value)}")
+        return value
+
+    def reject_if_present(self, names: tuple[str, ...], reason: str) -> None:
+        for name in names:
+            if name in self.data:
+                raise self.error(name, reason)
+
+
+_TYPE_NAMES: Final[dict[tuple[type, ...], str]] = {
+    (str,): "a string",
+    (int,): "an integer",
+    (float,): "a number",
+    (bool,): "a boolean (true or false)",
+    (list,): "an array",
+    (dict,): "a table",
+    (int, float): "a number",
+    (str, list): "a string or an array of strings",
+}
+
+
+def _toml_type(value: object) -> str:
+    """How TOML calls the type of ``value``, for messages."""
+    for kind, name in ((bool, "boolean"), (int, "integer"), (float, "float"), (str, "string")):
+        if isinstance(value, kind):
+            return f"{name} {value!r}"
+    if isinstance(value, list):
+        return "an array"
+    return "a table" if isinstance(value, dict) else "a date/time"
+
+
+def _choice(t: _Table, name: str, choices: tuple[str, ...], default: Any = _REQUIRED) -> str:
+    value = t.take(name, object, default)
+    if value not in choices or not isinstance(value, str):
+        shown = ", ".join(f'"{choice}"' for choice in choices)
+        raise t.error(name, f"must be one of {shown}, not {_toml_type(value)}")
+    return value
+
+
+def _seconds(t: _Table, name: str, default: float) -> float:
+    value = t.take(name, (int, float), default)
+    if not (math.isfinite(value) and value > 0):
+        raise t.error(name, f"must be a number of seconds greater than 0, not {value!r}")
+    return float(value)
+
+
+def _strings(t: _Table, name: str) -> list[tuple[str, str]]:
+    """A required string, or non-empty array of strings, as ``(key, string)`` pairs for messages."""
+    value = t.take(name, (str, list))
+    if isinstance(value, str):
+        return [(name, value)]
+    if not value:
+        raise t.error(name, "must not be an empty array")
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            raise t.error(f"{name}[{index}]", f"must be a string, not {_toml_type(item)}")
+    return [(f"{name}[{index}]", item) for index, item in enumerate(value)]
+
+
+def _file(t: _Table, key: str, name: str, base: Path) -> Path:
+    """Resolve ``name`` against the config file's directory and require a regular file there."""
+    if not name:
+        raise t.error(key, "must not be empty")
+    path = base / name  # an absolute name replaces base
+    if not path.is_file():
+        reason = "not a regular file" if path.exists() else "no such file"
+        raise t.error(key, f"{path}: {reason}")
+    return path

@@ -1,0 +1,87 @@
+"""Shared pytest fixtures for popproxy's tests.
+
+Sections (add new fixtures to the section they belong to, or start a new one):
+
+1. Certificates: one throwaway CA per test run; every server certificate in the run comes from it.
+2. Real servers: Dovecot POP3 with a generated mail corpus (``tests/support/dovecot.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from support.dovecot import DOVECOT, DovecotServer, MailUser
+from support.mailbox import corpus
+
+from popproxy.pki import CertificateAuthority, IssuedCertificate
+
+# --- 1. Certificates -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ca() -> CertificateAuthority:
+    """The run's trust root: clients get ``ca.cert_pem``, servers get leaves it issued."""
+    return CertificateAuthority.create()
+
+
+@pytest.fixture(scope="session")
+def leaf(ca: CertificateAuthority) -> IssuedCertificate:
+    """A server certificate for ``localhost`` and ``127.0.0.1``, issued by :func:`ca`."""
+    return ca.issue(["localhost", "127.0.0.1"])
+
+
+# --- 2. Real servers: Dovecot ----------------------------------------------------------------------
+
+#: The fixture's accounts: name -> (password, message count, corpus seed, with the large message).
+#: ``bob`` is for tests that ``DELE`` (through the ``bob`` fixture, which puts his mail back
+#: afterwards); the others are never modified.
+DOVECOT_USERS: dict[str, tuple[str, int, int, bool]] = {
+    "alice": ("alice-pw", 250, 1, True),  # message 126 is the ~7 MB one
+    "bob": ("bob-pw", 20, 2, False),
+    "carol@example.org": ("carol-pw", 10, 3, False),
+    "dave": ("dave-pw", 5, 4, False),
+}
+
+
+@pytest.fixture(scope="session")
+def dovecot(tmp_path_factory: pytest.TempPathFactory, ca: CertificateAuthority) -> Iterator[DovecotServer]:
+    """One real Dovecot POP3 server for the whole run, on 127.0.0.1.
+
+    ``dovecot.plain_port`` (plain, STLS offered), ``dovecot.tls_port`` (implicit TLS),
+    ``dovecot.ca_pem`` / ``dovecot.ca_path`` (its CA: the run's :func:`ca`), and
+    ``dovecot.users[name]`` (:class:`MailUser`: password and the exact bytes each ``RETR`` returns).
+    """
+    if DOVECOT is None:
+        pytest.fail(
+            "Dovecot is not installed, but these tests need a real POP3 server: run scripts/test "
+            "(its scripts/setup installs dovecot-core and dovecot-pop3d), or install them yourself.",
+            pytrace=False,
+        )
+    server = DovecotServer(tmp_path_factory.mktemp("dovecot"), leaf=ca.issue(["localhost", "127.0.0.1"]))
+    for name, (password, count, seed, large) in DOVECOT_USERS.items():
+        server.add_user(name, password, corpus(count, seed=seed, large=large))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def bob(dovecot: DovecotServer) -> Iterator[MailUser]:
+    """Dovecot's ``bob``, whose mailbox is restored after the test, so the test may ``DELE``."""
+    yield dovecot.users["bob"]
+    dovecot.reset_user("bob")
+
+
+# --- 3. Clients ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def close_raw_connections() -> Iterator[None]:
+    """Close every ``RawPOP3`` connection a test opened, passed or failed (no ResourceWarning)."""
+    from support.pop3client import RawPOP3
+
+    yield
+    RawPOP3.close_all()

@@ -1,0 +1,1 @@
+"""Test support code: real-server fixtures (Dovecot) and generated mail."""

@@ -1,0 +1,74 @@
+"""popproxy as admins run it: ``twistd -n popproxy -c FILE`` in a subprocess, on loopback ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TWISTD = str(Path(sys.executable).with_name("twistd"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def twistd(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run twistd to completion (``--help``, ``--check``) and capture what it printed."""
+    return subprocess.run([TWISTD, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+class ProxyProcess:
+    """A running ``twistd -n popproxy``. ``ports`` are the listeners' ports, in config order."""
+
+    def __init__(self, config: Path, ports: list[int], workdir: Path, extra: tuple[str, ...] = ()) -> None:
+        self.config = config
+        self.ports = ports
+        self.workdir = workdir
+        self.logfile = workdir / "popproxy.log"
+        self.pidfile = workdir / "popproxy.pid"
+        self.process = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile", str(self.pidfile), "--logfile", str(self.logfile), *extra, "popproxy", "-c", str(config)],
+            cwd=workdir,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        for port in self.ports:
+            while True:
+                if self.process.poll() is not None:
+                    output = self.process.stdout.read() if self.process.stdout else ""
+                    raise RuntimeError(f"twistd popproxy exited with {self.process.returncode}:\n{output}\n{self.log()}")
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"popproxy did not listen on {port}:\n{self.log()}") from None
+                    time.sleep(0.05)
+
+    def log(self) -> str:
+        return self.logfile.read_text(errors="replace") if self.logfile.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process.stdout:
+            self.process.stdout.close()
+        return self.process.returncode

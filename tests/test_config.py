@@ -1,0 +1,975 @@
+"""popproxy.config: the TOML contract, every rule with the key and reason it reports."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import tomllib
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from popproxy.config import (
+    Address,
+    ConfigError,
+    LimitsConfig,
+    ListenerConfig,
+    ProxyConfig,
+    RoutingConfig,
+    UpstreamConfig,
+    load_config,
+    parse_config,
+)
+
+EXAMPLE = Path(__file__).parent.parent / "conf" / "popproxy.toml"
+
+# A minimal valid configuration, as sections of key -> raw TOML value, so that each failing case
+# states only what it changes (None deletes a key).
+LISTEN = {"endpoint": '"tcp:110"', "tls": '"starttls"', "certificate": '"tls.pem"'}
+UPSTREAM = {"address": '"mail.internal:110"', "tls": '"none"'}
+ROUTING = {"default": '"legacy"'}
+
+
+def config_text(
+    listen: dict[str, str | None] | None = None,
+    upstream: dict[str, str | None] | None = None,
+    routing: dict[str, str | None] | None = None,
+    top: str = "",
+    extra: str = "",
+) -> str:
+    """TOML text for the minimal configuration with some keys changed; ``extra`` goes at the end."""
+    lines = [top]
+    for header, base, changes in (
+        ("[[listen]]", LISTEN, listen),
+        ("[upstream.legacy]", UPSTREAM, upstream),
+        ("[routing]", ROUTING, routing),
+    ):
+        lines.append(header)
+        merged = {**base, **(changes or {})}
+        lines += [f"{key} = {value}" for key, value in merged.items() if value is not None]
+    return "\n".join(lines) + "\n" + extra + "\n"
+
+
+@pytest.fixture
+def conf_dir(tmp_path: Path) -> Path:
+    """A directory holding the files the configurations name (config.py only checks they exist)."""
+    for name in ("tls.pem", "other.pem", "ca.pem"):
+        (tmp_path / name).write_text("PEM\n")
+    return tmp_path
+
+
+def parse(text: str, conf_dir: Path) -> ProxyConfig:
+    return parse_config(text, conf_dir / "popproxy.toml")
+
+
+def config_error(text: str, conf_dir: Path) -> ConfigError:
+    with pytest.raises(ConfigError) as caught:
+        parse(text, conf_dir)
+    return caught.value
+
+
+# --- the happy paths ---------------------------------------------------------------------------------
+
+FULL = """
+[[listen]]
+endpoint = "tcp:110"
+tls = "starttls"
+certificate = "tls.pem"
+tls_min_version = "1.3"
+require_tls = false
+
+[[listen]]
+endpoint = "haproxy:tcp6:995"
+tls = "implicit"
+certificate = ["tls.pem", "/ABS/other.pem"]
+proxy_from = ["10.0.0.0/8", "fd00::/8"]
+
+[[listen]]
+endpoint = "unix:/run/popproxy.sock"
+tls = "none"
+
+[upstream.legacy]
+address = ["mail1.internal:110", "[2001:db8::1]:110"]
+tls = "starttls"
+connect_timeout = 2.5
+ca = "ca.pem"
+login_as = "{local}"
+
+[upstream.hosted]
+address = "pop.example.net:995"
+tls = "implicit"
+verify = false
+server_name = "pop.example.com"
+
+[routing]
+default = "legacy"
+[routing.users]
+"boss@example.org" = "hosted"
+"@Example.NET" = "hosted"
+
+[limits]
+login_timeout = 30
+idle_timeout = 900.5
+"""
+
+
+def test_full_config_parses_to_the_expected_objects(conf_dir: Path) -> None:
+    config = parse(FULL.replace("/ABS", str(conf_dir)), conf_dir)
+
+    assert config == ProxyConfig(
+        path=conf_dir / "popproxy.toml",
+        listeners=(
+            ListenerConfig(
+                key="listen[0]",
+                endpoint="tcp:110",
+                tls="starttls",
+                certificates=(conf_dir / "tls.pem",),
+                tls_min_version="1.3",
+                require_tls=False,
+                proxy_from=(),
+            ),
+            ListenerConfig(
+                key="listen[1]",
+                endpoint="haproxy:tcp6:995",
+                tls="implicit",
+                certificates=(conf_dir / "tls.pem", conf_dir / "other.pem"),
+                tls_min_version="1.2",
+                require_tls=False,
+                proxy_from=(ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8")),
+            ),
+            ListenerConfig(
+                key="listen[2]",
+                endpoint="unix:/run/popproxy.sock",
+                tls="none",
+                certificates=(),
+                tls_min_version="1.2",
+                require_tls=False,
+                proxy_from=(),
+            ),
+        ),
+        upstreams={
+            "legacy": UpstreamConfig(
+                name="legacy",
+                addresses=(Address("mail1.internal", 110), Address("2001:db8::1", 110)),
+                tls="starttls",
+                connect_timeout=2.5,
+                verify=True,
+                ca=conf_dir / "ca.pem",
+                server_name="mail1.internal",
+                login_as="{local}",
+            ),
+            "hosted": UpstreamConfig(
+                name="hosted",
+                addresses=(Address("pop.example.net", 995),),
+                tls="implicit",
+                connect_timeout=10.0,
+                verify=False,
+                ca=None,
+                server_name="pop.example.com",
+                login_as="{user}",
+            ),
+        },
+        routing=RoutingConfig(
+            default="legacy", users={"boss@example.org": "hosted"}, domains={"example.net": "hosted"}
+        ),
+        limits=LimitsConfig(login_timeout=30.0, idle_timeout=900.5),
+    )
+    assert [listener.haproxy for listener in config.listeners] == [False, True, False]
+    assert config.listeners[1].inner_endpoint == "tcp6:995"
+    assert config.listeners[0].inner_endpoint == "tcp:110"
+
+
+def test_defaults(conf_dir: Path) -> None:
+    config = parse(config_text(listen={"endpoint": '"haproxy:tcp:110"'}), conf_dir)
+
+    (listener,) = config.listeners
+    assert listener.tls_min_version == "1.2"
+    assert listener.require_tls is True
+    assert listener.proxy_from == (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
+    upstream = config.upstreams["legacy"]
+    assert (upstream.connect_timeout, upstream.verify, upstream.ca) == (10.0, True, None)
+    assert upstream.server_name == "mail.internal"
+    assert upstream.login_as == "{user}"
+    assert config.limits == LimitsConfig(login_timeout=60.0, idle_timeout=600.0)
+    assert config.routing == RoutingConfig(default="legacy", users={}, domains={})
+
+
+def test_integer_seconds_become_floats(conf_dir: Path) -> None:
+    config = parse(config_text(upstream={"connect_timeout": "3"}), conf_dir)
+    assert config.upstreams["legacy"].connect_timeout == 3.0
+    assert isinstance(config.upstreams["legacy"].connect_timeout, float)
+
+
+def test_config_objects_are_read_only(conf_dir: Path) -> None:
+    config = parse(config_text(), conf_dir)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.listeners[0].tls = "none"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        config.upstreams["other"] = config.upstreams["legacy"]  # type: ignore[index]
+    with pytest.raises(TypeError):
+        config.routing.users["x"] = "legacy"  # type: ignore[index]
+
+
+def test_relative_paths_resolve_against_the_config_directory(
+    conf_dir: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (conf_dir / "popproxy.toml").write_text(
+        config_text(upstream={"tls": '"starttls"', "ca": '"ca.pem"'}), encoding="utf-8"
+    )
+    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
+
+    config = load_config(conf_dir / "popproxy.toml")
+
+    assert config.path == conf_dir / "popproxy.toml"
+    assert config.listeners[0].certificates == (conf_dir / "tls.pem",)
+    assert config.upstreams["legacy"].ca == conf_dir / "ca.pem"
+
+
+def test_load_config_makes_the_path_absolute(conf_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (conf_dir / "popproxy.toml").write_text(config_text(), encoding="utf-8")
+    monkeypatch.chdir(conf_dir)
+
+    config = load_config("popproxy.toml")
+
+    assert config.path.is_absolute()
+    assert config.listeners[0].certificates == (conf_dir / "tls.pem",)
+
+
+def test_the_example_configuration_loads(tmp_path: Path) -> None:
+    """conf/popproxy.toml must stay valid: copy it and create every file it names (relative names)."""
+    text = EXAMPLE.read_text(encoding="utf-8")
+    data = tomllib.loads(text)
+    names = [upstream["ca"] for upstream in data["upstream"].values() if "ca" in upstream]
+    for listener in data["listen"]:
+        certificate = listener.get("certificate", [])
+        names += [certificate] if isinstance(certificate, str) else certificate
+    assert names, "the example should name certificate files"
+    for name in names:
+        assert not Path(name).is_absolute(), "keep the example's file names relative, so this test can run"
+        (tmp_path / name).write_text("PEM\n")
+    (tmp_path / "popproxy.toml").write_text(text, encoding="utf-8")
+
+    config = load_config(tmp_path / "popproxy.toml")
+
+    assert {listener.tls for listener in config.listeners} == {"starttls", "implicit"}
+    assert any(listener.haproxy for listener in config.listeners)
+    assert any(len(listener.certificates) > 1 for listener in config.listeners)
+    assert config.routing.route("someone@example.net") == "hosted"
+    assert config.routing.route("someone@elsewhere.org") == "legacy"
+
+
+# --- failing configurations: exact key, meaningful reason --------------------------------------------
+
+LISTEN_ONLY = config_text().split("[upstream.legacy]")[0]
+UPSTREAM_AND_ROUTING = "[upstream.legacy]" + config_text().split("[upstream.legacy]")[1]
+
+CASES = [
+    # top level and table shapes
+    ("unknown-top-key", config_text(top="debug = true"), "debug", "unknown key"),
+    ("no-listen", UPSTREAM_AND_ROUTING, "listen", "at least one [[listen]] table is required"),
+    ("listen-empty", "listen = []\n" + UPSTREAM_AND_ROUTING, "listen", "at least one [[listen]]"),
+    ("listen-not-array", config_text().replace("[[listen]]", "[listen]"), "listen", "must be an array"),
+    (
+        "listen-item-not-table",
+        'listen = ["tcp:110"]\n' + UPSTREAM_AND_ROUTING,
+        "listen[0]",
+        "must be a table, not string 'tcp:110'",
+    ),
+    ("no-upstream", LISTEN_ONLY, "upstream", "at least one [upstream.NAME] table is required"),
+    ("upstream-not-table", 'upstream = "mail:110"\n' + LISTEN_ONLY, "upstream", "must be a table"),
+    (
+        "upstream-entry-not-table",
+        LISTEN_ONLY + '[upstream]\nlegacy = "mail:110"\n',
+        "upstream.legacy",
+        "must be a table",
+    ),
+    # listeners
+    ("listen-unknown-key", config_text(listen={"port": "110"}), "listen[0].port", "unknown key"),
+    (
+        "listen-typo-hint",
+        config_text(listen={"certificat": '"x"'}),
+        "listen[0].certificat",
+        "did you mean 'certificate'",
+    ),
+    ("endpoint-missing", config_text(listen={"endpoint": None}), "listen[0].endpoint", "required"),
+    (
+        "endpoint-not-string",
+        config_text(listen={"endpoint": "110"}),
+        "listen[0].endpoint",
+        "must be a string, not integer 110",
+    ),
+    (
+        "endpoint-ssl",
+        config_text(listen={"endpoint": '"ssl:995"'}),
+        "listen[0].endpoint",
+        "TLS comes from the listener's tls key",
+    ),
+    (
+        "endpoint-tls",
+        config_text(listen={"endpoint": '"tls:995"'}),
+        "listen[0].endpoint",
+        "TLS comes from the listener's tls key",
+    ),
+    (
+        "endpoint-haproxy-ssl",
+        config_text(listen={"endpoint": '"haproxy:ssl:995"'}),
+        "listen[0].endpoint",
+        '"ssl:" endpoints are not allowed',
+    ),
+    (
+        "endpoint-unknown-type",
+        config_text(listen={"endpoint": '"udp:110"'}),
+        "listen[0].endpoint",
+        "must be one of tcp, tcp6, unix, systemd",
+    ),
+    ("endpoint-bare-port", config_text(listen={"endpoint": '"110"'}), "listen[0].endpoint", "not '110'"),
+    (
+        "endpoint-double-haproxy",
+        config_text(listen={"endpoint": '"haproxy:haproxy:tcp:1"'}),
+        "listen[0].endpoint",
+        "not 'haproxy'",
+    ),
+    (
+        "endpoint-no-arguments",
+        config_text(listen={"endpoint": '"tcp"'}),
+        "listen[0].endpoint",
+        "lacks its arguments",
+    ),
+    ("listen-tls-missing", config_text(listen={"tls": None}), "listen[0].tls", "required"),
+    (
+        "listen-tls-invalid",
+        config_text(listen={"tls": '"ssl"'}),
+        "listen[0].tls",
+        'must be one of "none", "starttls", "implicit"',
+    ),
+    ("listen-tls-not-string", config_text(listen={"tls": "true"}), "listen[0].tls", "not boolean True"),
+    ("certificate-missing", config_text(listen={"certificate": None}), "listen[0].certificate", "required"),
+    (
+        "certificate-no-file",
+        config_text(listen={"certificate": '"nope.pem"'}),
+        "listen[0].certificate",
+        "nope.pem: no such file",
+    ),
+    (
+        "certificate-directory",
+        config_text(listen={"certificate": '"."'}),
+        "listen[0].certificate",
+        "not a regular file",
+    ),
+    (
+        "certificate-empty-name",
+        config_text(listen={"certificate": '""'}),
+        "listen[0].certificate",
+        "must not be empty",
+    ),
+    (
+        "certificate-empty-list",
+        config_text(listen={"certificate": "[]"}),
+        "listen[0].certificate",
+        "must not be an empty array",
+    ),
+    (
+        "certificate-list-missing-file",
+        config_text(listen={"certificate": '["tls.pem", "nope.pem"]'}),
+        "listen[0].certificate[1]",
+        "no such file",
+    ),
+    (
+        "certificate-list-not-string",
+        config_text(listen={"certificate": "[1]"}),
+        "listen[0].certificate[0]",
+        "must be a string",
+    ),
+    (
+        "certificate-not-string",
+        config_text(listen={"certificate": "{a = 1}"}),
+        "listen[0].certificate",
+        "must be a string or an array of strings, not a table",
+    ),
+    (
+        "certificate-on-plain",
+        config_text(listen={"tls": '"none"'}),
+        "listen[0].certificate",
+        'has no effect with tls = "none"',
+    ),
+    (
+        "min-version-on-plain",
+        config_text(listen={"tls": '"none"', "certificate": None, "tls_min_version": '"1.3"'}),
+        "listen[0].tls_min_version",
+        'has no effect with tls = "none"',
+    ),
+    (
+        "min-version-invalid",
+        config_text(listen={"tls_min_version": '"1.1"'}),
+        "listen[0].tls_min_version",
+        'must be one of "1.2", "1.3"',
+    ),
+    (
+        "min-version-float",
+        config_text(listen={"tls_min_version": "1.3"}),
+        "listen[0].tls_min_version",
+        "not float 1.3",
+    ),
+    (
+        "require-tls-not-bool",
+        config_text(listen={"require_tls": '"yes"'}),
+        "listen[0].require_tls",
+        "must be a boolean",
+    ),
+    (
+        "require-tls-int",
+        config_text(listen={"require_tls": "1"}),
+        "listen[0].require_tls",
+        "must be a boolean (true or false), not integer 1",
+    ),
+    (
+        "require-tls-on-plain",
+        config_text(listen={"tls": '"none"', "certificate": None, "require_tls": "true"}),
+        "listen[0].require_tls",
+        'only applies to tls = "starttls"',
+    ),
+    (
+        "require-tls-on-implicit",
+        config_text(listen={"tls": '"implicit"', "require_tls": "false"}),
+        "listen[0].require_tls",
+        'only applies to tls = "starttls"',
+    ),
+    (
+        "proxy-from-without-haproxy",
+        config_text(listen={"proxy_from": '["127.0.0.1/32"]'}),
+        "listen[0].proxy_from",
+        'only applies to "haproxy:" endpoints',
+    ),
+    (
+        "proxy-from-not-array",
+        config_text(listen={"endpoint": '"haproxy:tcp:110"', "proxy_from": '"127.0.0.1/32"'}),
+        "listen[0].proxy_from",
+        "must be an array",
+    ),
+    (
+        "proxy-from-empty",
+        config_text(listen={"endpoint": '"haproxy:tcp:110"', "proxy_from": "[]"}),
+        "listen[0].proxy_from",
+        "must not be empty",
+    ),
+    (
+        "proxy-from-bad-network",
+        config_text(
+            listen={"endpoint": '"haproxy:tcp:110"', "proxy_from": '["127.0.0.1/32", "10.0.0.300/8"]'}
+        ),
+        "listen[0].proxy_from[1]",
+        "does not appear to be an IPv4 or IPv6 network",
+    ),
+    (
+        "proxy-from-host-bits",
+        config_text(listen={"endpoint": '"haproxy:tcp:110"', "proxy_from": '["10.0.0.1/8"]'}),
+        "listen[0].proxy_from[0]",
+        "has host bits set",
+    ),
+    (
+        "proxy-from-not-string",
+        config_text(listen={"endpoint": '"haproxy:tcp:110"', "proxy_from": "[1]"}),
+        "listen[0].proxy_from[0]",
+        "must be a string",
+    ),
+    (
+        "second-listener-reported-by-index",
+        config_text(extra='[[listen]]\nendpoint = "tcp:111"\ntls = "bogus"'),
+        "listen[1].tls",
+        "must be one of",
+    ),
+    # upstreams
+    (
+        "upstream-bad-name",
+        config_text().replace("[upstream.legacy]", '[upstream."le gacy"]'),
+        "upstream.le gacy",
+        "may only use letters",
+    ),
+    ("upstream-unknown-key", config_text(upstream={"port": "110"}), "upstream.legacy.port", "unknown key"),
+    ("address-missing", config_text(upstream={"address": None}), "upstream.legacy.address", "required"),
+    (
+        "address-no-port",
+        config_text(upstream={"address": '"mail.internal"'}),
+        "upstream.legacy.address",
+        'expected "host:port"',
+    ),
+    (
+        "address-empty-host",
+        config_text(upstream={"address": '":110"'}),
+        "upstream.legacy.address",
+        'expected "host:port"',
+    ),
+    (
+        "address-port-zero",
+        config_text(upstream={"address": '"mail:0"'}),
+        "upstream.legacy.address",
+        "port must be a number from 1 to 65535",
+    ),
+    (
+        "address-port-too-big",
+        config_text(upstream={"address": '"mail:65536"'}),
+        "upstream.legacy.address",
+        "port must be a number",
+    ),
+    (
+        "address-port-name",
+        config_text(upstream={"address": '"mail:pop3"'}),
+        "upstream.legacy.address",
+        "port must be a number",
+    ),
+    (
+        "address-space",
+        config_text(upstream={"address": '"mail host:110"'}),
+        "upstream.legacy.address",
+        "white space",
+    ),
+    (
+        "address-ipv6-bare",
+        config_text(upstream={"address": '"::1:110"'}),
+        "upstream.legacy.address",
+        "in brackets",
+    ),
+    (
+        "address-ipv6-not-v6",
+        config_text(upstream={"address": '"[mail]:110"'}),
+        "upstream.legacy.address",
+        "is not an IPv6 address",
+    ),
+    (
+        "address-ipv6-no-port",
+        config_text(upstream={"address": '"[::1]"'}),
+        "upstream.legacy.address",
+        'expected "[IPv6 address]:port"',
+    ),
+    (
+        "address-empty-list",
+        config_text(upstream={"address": "[]"}),
+        "upstream.legacy.address",
+        "must not be an empty array",
+    ),
+    (
+        "address-list-item",
+        config_text(upstream={"address": '["a:110", "b"]'}),
+        "upstream.legacy.address[1]",
+        'expected "host:port"',
+    ),
+    (
+        "address-list-not-string",
+        config_text(upstream={"address": '["a:110", 110]'}),
+        "upstream.legacy.address[1]",
+        "must be a string",
+    ),
+    ("upstream-tls-missing", config_text(upstream={"tls": None}), "upstream.legacy.tls", "required"),
+    (
+        "upstream-tls-invalid",
+        config_text(upstream={"tls": '"STARTTLS"'}),
+        "upstream.legacy.tls",
+        "must be one of",
+    ),
+    (
+        "timeout-zero",
+        config_text(upstream={"connect_timeout": "0"}),
+        "upstream.legacy.connect_timeout",
+        "greater than 0",
+    ),
+    (
+        "timeout-negative",
+        config_text(upstream={"connect_timeout": "-1.5"}),
+        "upstream.legacy.connect_timeout",
+        "greater than 0",
+    ),
+    (
+        "timeout-nan",
+        config_text(upstream={"connect_timeout": "nan"}),
+        "upstream.legacy.connect_timeout",
+        "greater than 0",
+    ),
+    (
+        "timeout-inf",
+        config_text(upstream={"connect_timeout": "inf"}),
+        "upstream.legacy.connect_timeout",
+        "greater than 0",
+    ),
+    (
+        "timeout-bool",
+        config_text(upstream={"connect_timeout": "true"}),
+        "upstream.legacy.connect_timeout",
+        "must be a number, not boolean True",
+    ),
+    (
+        "timeout-string",
+        config_text(upstream={"connect_timeout": '"10"'}),
+        "upstream.legacy.connect_timeout",
+        "not string '10'",
+    ),
+    (
+        "verify-on-plain",
+        config_text(upstream={"verify": "true"}),
+        "upstream.legacy.verify",
+        'has no effect with tls = "none"',
+    ),
+    (
+        "ca-on-plain",
+        config_text(upstream={"ca": '"ca.pem"'}),
+        "upstream.legacy.ca",
+        'has no effect with tls = "none"',
+    ),
+    (
+        "server-name-on-plain",
+        config_text(upstream={"server_name": '"mail"'}),
+        "upstream.legacy.server_name",
+        'has no effect with tls = "none"',
+    ),
+    (
+        "verify-not-bool",
+        config_text(upstream={"tls": '"starttls"', "verify": '"no"'}),
+        "upstream.legacy.verify",
+        "must be a boolean",
+    ),
+    (
+        "verify-int",
+        config_text(upstream={"tls": '"starttls"', "verify": "0"}),
+        "upstream.legacy.verify",
+        "must be a boolean (true or false), not integer 0",
+    ),
+    (
+        "ca-missing-file",
+        config_text(upstream={"tls": '"implicit"', "ca": '"nope.pem"'}),
+        "upstream.legacy.ca",
+        "nope.pem: no such file",
+    ),
+    (
+        "ca-without-verify",
+        config_text(upstream={"tls": '"implicit"', "verify": "false", "ca": '"ca.pem"'}),
+        "upstream.legacy.ca",
+        "has no effect with verify = false",
+    ),
+    (
+        "server-name-empty",
+        config_text(upstream={"tls": '"implicit"', "server_name": '""'}),
+        "upstream.legacy.server_name",
+        "is not a host name",
+    ),
+    (
+        "server-name-brackets",
+        config_text(upstream={"tls": '"implicit"', "server_name": '"[::1]"'}),
+        "upstream.legacy.server_name",
+        "no brackets",
+    ),
+    (
+        "login-as-unknown",
+        config_text(upstream={"login_as": '"{email}"'}),
+        "upstream.legacy.login_as",
+        "{email} is not allowed: the only placeholders are {user}, {local}, {domain}",
+    ),
+    (
+        "login-as-positional",
+        config_text(upstream={"login_as": '"{}"'}),
+        "upstream.legacy.login_as",
+        "{} is not allowed",
+    ),
+    (
+        "login-as-attribute",
+        config_text(upstream={"login_as": '"{user.__class__}"'}),
+        "upstream.legacy.login_as",
+        "{user.__class__} is not allowed",
+    ),
+    (
+        "login-as-index",
+        config_text(upstream={"login_as": '"{user[0]}"'}),
+        "upstream.legacy.login_as",
+        "{user[0]} is not allowed",
+    ),
+    (
+        "login-as-conversion",
+        config_text(upstream={"login_as": '"{user!r}"'}),
+        "upstream.legacy.login_as",
+        "{user!r} is not allowed",
+    ),
+    (
+        "login-as-format-spec",
+        config_text(upstream={"login_as": '"{user:>20}"'}),
+        "upstream.legacy.login_as",
+        "{user:>20} is not allowed",
+    ),
+    (
+        "login-as-unbalanced",
+        config_text(upstream={"login_as": '"{user"'}),
+        "upstream.legacy.login_as",
+        "is not a valid template",
+    ),
+    (
+        "login-as-empty",
+        config_text(upstream={"login_as": '""'}),
+        "upstream.legacy.login_as",
+        "must not be empty",
+    ),
+    # routing
+    ("routing-unknown-key", config_text(routing={"fallback": '"legacy"'}), "routing.fallback", "unknown key"),
+    (
+        "routing-default-unknown",
+        config_text(routing={"default": '"nope"'}),
+        "routing.default",
+        "unknown upstream 'nope' (defined: legacy)",
+    ),
+    (
+        "routing-default-not-string",
+        config_text(routing={"default": "1"}),
+        "routing.default",
+        "must be a string",
+    ),
+    ("routing-no-routes", config_text(routing={"default": None}), "routing", "no routes"),
+    ("routing-missing", config_text().replace('[routing]\ndefault = "legacy"', ""), "routing", "no routes"),
+    (
+        "routing-users-not-table",
+        config_text(routing={"users": '"legacy"'}),
+        "routing.users",
+        "must be a table",
+    ),
+    (
+        "route-unknown-upstream",
+        config_text(extra='[routing.users]\n"@example.org" = "nope"'),
+        "routing.users.@example.org",
+        "unknown upstream 'nope'",
+    ),
+    (
+        "route-user-unknown-upstream",
+        config_text(extra='[routing.users]\n"alice" = "nope"'),
+        "routing.users.alice",
+        "unknown upstream 'nope'",
+    ),
+    (
+        "route-not-string",
+        config_text(extra='[routing.users]\n"alice" = 1'),
+        "routing.users.alice",
+        "must be an upstream name (a string), not integer 1",
+    ),
+    (
+        "route-bare-at",
+        config_text(extra='[routing.users]\n"@" = "legacy"'),
+        "routing.users.@",
+        'must look like "@example.org"',
+    ),
+    (
+        "route-two-ats",
+        config_text(extra='[routing.users]\n"@a@b" = "legacy"'),
+        "routing.users.@a@b",
+        'must look like "@example.org"',
+    ),
+    (
+        "route-empty-user",
+        config_text(extra='[routing.users]\n"" = "legacy"'),
+        "routing.users.",
+        "must be non-empty",
+    ),
+    (
+        "route-user-space",
+        config_text(extra='[routing.users]\n"al ice" = "legacy"'),
+        "routing.users.al ice",
+        "without spaces",
+    ),
+    (
+        "route-duplicate-domain",
+        config_text(extra='[routing.users]\n"@example.org" = "legacy"\n"@EXAMPLE.org" = "legacy"'),
+        "routing.users.@EXAMPLE.org",
+        "same domain as '@example.org'",
+    ),
+    # limits
+    ("limits-not-table", config_text(top="limits = 5"), "limits", "must be a table"),
+    ("limits-unknown-key", config_text(extra="[limits]\ntimeout = 5"), "limits.timeout", "unknown key"),
+    (
+        "login-timeout-zero",
+        config_text(extra="[limits]\nlogin_timeout = 0"),
+        "limits.login_timeout",
+        "greater than 0",
+    ),
+    (
+        "idle-timeout-bool",
+        config_text(extra="[limits]\nidle_timeout = true"),
+        "limits.idle_timeout",
+        "must be a number, not",
+    ),
+    (
+        "idle-timeout-string",
+        config_text(extra='[limits]\nidle_timeout = "600"'),
+        "limits.idle_timeout",
+        "must be a number, not",
+    ),
+    # syntax
+    ("toml-syntax", config_text(extra="[limits\n"), "-", "TOML syntax error"),
+    (
+        "toml-duplicate-key",
+        config_text(extra="[limits]\nlogin_timeout = 1\nlogin_timeout = 2"),
+        "-",
+        "TOML syntax error",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "reason"), [case[1:] for case in CASES], ids=[c[0] for c in CASES])
+def test_invalid_configuration(text: str, key: str, reason: str, conf_dir: Path) -> None:
+    error = config_error(text, conf_dir)
+
+    assert (error.key, error.path) == (key, str(conf_dir / "popproxy.toml"))
+    assert reason in error.reason
+    assert str(error) == f"{conf_dir / 'popproxy.toml'}: {key}: {error.reason}"
+
+
+def test_toml_syntax_error_gives_line_and_column(conf_dir: Path) -> None:
+    error = config_error('[[listen]]\nendpoint = "tcp:110\n', conf_dir)
+    assert error.key == "-"
+    assert "line 2" in error.reason and "column" in error.reason
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path / "missing.toml")
+    assert caught.value.key == "-"
+    assert caught.value.path == str(tmp_path / "missing.toml")
+    assert "cannot read" in caught.value.reason
+
+
+def test_file_not_utf8(tmp_path: Path) -> None:
+    (tmp_path / "popproxy.toml").write_bytes(b'# caf\xe9\n[[listen]]\nendpoint = "tcp:110"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path / "popproxy.toml")
+    assert (caught.value.key, "not UTF-8" in caught.value.reason) == ("-", True)
+
+
+# --- behaviour of the parsed objects -----------------------------------------------------------------
+
+
+def routing(**kwargs: object) -> RoutingConfig:
+    defaults: dict[str, object] = {"default": None, "users": {}, "domains": {}}
+    return RoutingConfig(**{**defaults, **kwargs})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("user", "expected"),
+    [
+        ("alice@example.org", "exact"),  # the exact name beats its domain
+        ("bob@example.org", "domain"),
+        ("bob@EXAMPLE.Org", "domain"),  # domains are case-insensitive
+        ("Alice@example.org", "domain"),  # user names are not
+        ("x@y@example.org", "domain"),  # the domain is after the last "@"
+        ("x@example.org@evil.test", "fallback"),
+        ("carol@other.test", "fallback"),
+        ("carol", "fallback"),
+        ("example.org", "fallback"),
+        ("", "fallback"),
+    ],
+)
+def test_route_precedence(user: str, expected: str) -> None:
+    config = routing(
+        default="fallback", users={"alice@example.org": "exact"}, domains={"example.org": "domain"}
+    )
+    assert config.route(user) == expected
+
+
+def test_route_without_default_is_none() -> None:
+    config = routing(users={"alice": "a"}, domains={"example.org": "d"})
+    assert config.route("alice") == "a"
+    assert config.route("bob@other.test") is None
+    assert config.route("bob") is None
+
+
+def test_domain_keys_are_stored_lowercase_without_at(conf_dir: Path) -> None:
+    config = parse(config_text(extra='[routing.users]\n"@Example.ORG" = "legacy"'), conf_dir)
+    assert dict(config.routing.domains) == {"example.org": "legacy"}
+    assert config.routing.route("x@example.org") == "legacy"
+
+
+def upstream(login_as: str) -> UpstreamConfig:
+    return UpstreamConfig("u", (Address("h", 110),), "none", 10.0, True, None, "h", login_as)
+
+
+@pytest.mark.parametrize(
+    ("login_as", "user", "expected"),
+    [
+        ("{user}", "alice@example.org", "alice@example.org"),
+        ("{local}", "alice@example.org", "alice"),
+        ("{domain}", "alice@example.org", "example.org"),
+        ("{local}", "a@b@c", "a@b"),
+        ("{domain}", "a@b@c", "c"),
+        ("{local}", "alice", "alice"),
+        ("{domain}", "alice", ""),
+        ("{local}%{domain}", "alice@example.org", "alice%example.org"),
+        ("pre-{user}-{{x}}", "alice", "pre-alice-{x}"),
+        ("{user}", "{local}", "{local}"),  # the user's own braces are data, never a template
+    ],
+)
+def test_login_name(login_as: str, user: str, expected: str) -> None:
+    assert upstream(login_as).login_name(user) == expected
+
+
+def test_login_as_accepts_every_placeholder_and_escaped_braces(conf_dir: Path) -> None:
+    template = '"{{{user}}}/{local}/{domain}"'
+    config = parse(config_text(upstream={"login_as": template}), conf_dir)
+    assert config.upstreams["legacy"].login_name("a@b") == "{a@b}/a/b"
+
+
+@given(st.text())
+def test_login_name_split_round_trips(user: str) -> None:
+    local = upstream("{local}").login_name(user)
+    domain = upstream("{domain}").login_name(user)
+    assert (f"{local}@{domain}" if "@" in user else local) == user
+    assert "@" not in domain
+
+
+@given(st.text())
+def test_route_never_raises(user: str) -> None:
+    config = routing(users={"a": "x"}, domains={"example.org": "y"})
+    assert config.route(user) in ("x", "y", None)
+
+
+@pytest.mark.parametrize(
+    ("address", "text"),
+    [
+        (Address("mail.internal", 110), "mail.internal:110"),
+        (Address("192.0.2.1", 995), "192.0.2.1:995"),
+        (Address("2001:db8::1", 110), "[2001:db8::1]:110"),
+    ],
+)
+def test_address_str(address: Address, text: str) -> None:
+    assert str(address) == text
+
+
+def test_address_round_trips_through_the_config(conf_dir: Path) -> None:
+    texts = ["mail.internal:110", "192.0.2.1:995", "[2001:db8::1]:110"]
+    config = parse(config_text(upstream={"address": str(texts).replace("'", '"')}), conf_dir)
+    assert [str(address) for address in config.upstreams["legacy"].addresses] == texts
+
+
+def listener(proxy_from: list[str]) -> ListenerConfig:
+    networks = tuple(ipaddress.ip_network(network) for network in proxy_from)
+    return ListenerConfig("listen[0]", "haproxy:tcp:110", "none", (), "1.2", False, networks)
+
+
+@pytest.mark.parametrize(
+    ("ip", "allowed"),
+    [
+        ("127.0.0.1", True),
+        ("::1", True),
+        ("::ffff:127.0.0.1", True),  # IPv4-mapped, as a dual-stack tcp6 listener reports it
+        ("10.1.2.3", True),
+        ("11.0.0.1", False),
+        ("::2", False),
+        ("not an ip", False),
+        ("/run/haproxy.sock", False),
+        ("", False),
+    ],
+)
+def test_allows_proxy_peer(ip: str, allowed: bool) -> None:
+    assert listener(["127.0.0.1/32", "::1/128", "10.0.0.0/8"]).allows_proxy_peer(ip) is allowed
+
+
+def test_config_error_fields_and_message() -> None:
+    error = ConfigError(Path("/etc/popproxy.toml"), "listen[0].tls", "must be one of ...")
+    assert (error.path, error.key, error.reason) == (
+        "/etc/popproxy.toml",
+        "listen[0].tls",
+        "must be one of ...",
+    )
+    assert str(error) == "/etc/popproxy.toml: listen[0].tls: must be one of ..."
