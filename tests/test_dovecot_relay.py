@@ -58,16 +58,71 @@ def relay(tmp_path_factory: pytest.TempPathFactory, dovecot: DovecotServer, ca: 
         + f'\n[upstream.trap]\naddress = "127.0.0.1:{trap.port}"\ntls = "none"\nconnect_timeout = 5\n'
         + '\n[routing]\ndefault = "dovecot"\n[routing.users]\n"trap" = "trap"\n'
     )
-    proxy = ProxyProcess(config, list(ports.values()), folder)
+    proxy = ProxyProcess(config, list(ports.values()), folder, json=True)
     try:
         yield Relay(proxy, ports, cafile, trap)
     finally:
         proxy.stop()
         trap.close()
-    # Whatever happened in the module, no password may have reached the log.
+    # Whatever happened in the module, no password (nor its base64 form) may have reached the log.
     log = proxy.log()
     for user in dovecot.users.values():
         assert user.password not in log
+        assert base64.b64encode(user.password.encode()).decode()[:-2] not in log
+
+
+def test_session_events_are_structured(relay: Relay, dovecot: DovecotServer) -> None:
+    dave = dovecot.users["dave"]
+    client = login(relay, "implicit", dave)
+    retrieve(client, 1)
+    client.quit()
+    time.sleep(0.2)
+    events = relay.proxy.events()
+    ended = [e for e in events if e.get("event") == "session_ended" and e.get("user") == "dave"
+             and e.get("listener") == "listen[2]"][-1]
+    assert ended["upstream"] == "dovecot"
+    assert ended["ended"] == "quit"
+    assert ended["client_tls_version"] in ("TLSv1.2", "TLSv1.3")
+    assert ended["client_tls_cipher"]
+    assert ended["bytes_to_client"] > len(dave.messages[0])
+    assert ended["bytes_from_upstream"] > len(dave.messages[0])
+    assert isinstance(ended["duration"], float) and ended["duration"] >= 0
+    assert ended["peer_host"] == "127.0.0.1"
+    session = ended["session_id"]
+    opened = [e for e in events if e.get("event") == "session_opened" and e.get("session_id") == session]
+    assert opened and opened[0]["listener"] == "listen[2]" and opened[0]["peer_port"] == ended["peer_port"]
+    logins = [e for e in events if e.get("event") == "login" and e.get("session_id") == session]
+    assert [e["result"] for e in logins] == ["ok"]
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_slow_client_does_not_make_the_proxy_buffer_the_message(relay: Relay, dovecot: DovecotServer) -> None:
+    """Back-pressure: while the client stalls, the proxy holds a few socket buffers' worth of a 40 MB
+    message, not the message; then the whole message arrives intact."""
+    line = b"y" * 76 + b"\r\n"
+    big = b"Subject: slow\r\nMessage-ID: <slow@popproxy.test>\r\n\r\n" + line * (40 * 1024 * 1024 // len(line))
+    dovecot.add_user("frank", "frank-pw", [big])
+    pid = relay.proxy.process.pid
+    raw = RawPOP3(relay.ports["none"])
+    raw.answer()
+    raw.command(b"USER frank")
+    assert raw.command(b"PASS frank-pw").startswith(b"+OK")
+    before = _rss_kib(pid)
+    raw.send(b"RETR 1\r\n")
+    time.sleep(1.5)  # the client reads nothing
+    during = _rss_kib(pid)
+    answer = raw.answer(multiline=True)
+    assert during - before < 16 * 1024, f"proxy grew by {during - before} KiB while the client stalled"
+    status, _, body = answer.partition(b"\r\n")
+    assert status == b"+OK %d octets" % len(big)
+    assert sha256(body) == sha256(big + b".\r\n")  # no line of this message starts with a dot
+    raw.command(b"QUIT")
 
 
 def login(relay: Relay, mode: str, user: MailUser) -> poplib.POP3:

@@ -27,28 +27,37 @@ def twistd(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedPr
 class ProxyProcess:
     """A running ``twistd -n popproxy``. ``ports`` are the listeners' ports, in config order."""
 
-    def __init__(self, config: Path, ports: list[int], workdir: Path, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, config: Path, ports: list[int], workdir: Path, extra: tuple[str, ...] = (), json: bool = False) -> None:
+        """With ``json``, events go to ``logfile`` as JSON lines (``--logger popproxy.logs.json_stdout``)."""
         self.config = config
         self.ports = ports
         self.workdir = workdir
-        self.logfile = workdir / "popproxy.log"
+        self.logfile = workdir / ("events.jsonl" if json else "popproxy.log")
         self.pidfile = workdir / "popproxy.pid"
+        logging = ["--logger", "popproxy.logs.json_stdout"] if json else ["--logfile", str(self.logfile)]
+        self._output = open(self.logfile if json else workdir / "stdout.txt", "w")
         self.process = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile", str(self.pidfile), "--logfile", str(self.logfile), *extra, "popproxy", "-c", str(config)],
+            [TWISTD, "-n", "--pidfile", str(self.pidfile), *logging, *extra, "popproxy", "-c", str(config)],
             cwd=workdir,
-            stdout=subprocess.PIPE,
+            stdout=self._output,
             stderr=subprocess.STDOUT,
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         self._wait_ready()
 
+    def events(self) -> list[dict[str, object]]:
+        """The JSON events logged so far (``json=True`` only)."""
+        import json as json_module
+
+        return [json_module.loads(line) for line in self.log().splitlines() if line.startswith("{")]
+
     def _wait_ready(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         for port in self.ports:
             while True:
                 if self.process.poll() is not None:
-                    output = self.process.stdout.read() if self.process.stdout else ""
+                    output = (self.workdir / "stdout.txt").read_text() if (self.workdir / "stdout.txt").exists() else ""
                     raise RuntimeError(f"twistd popproxy exited with {self.process.returncode}:\n{output}\n{self.log()}")
                 try:
                     socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -69,6 +78,5 @@ class ProxyProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        if self.process.stdout:
-            self.process.stdout.close()
+        self._output.close()
         return self.process.returncode
