@@ -1,0 +1,83 @@
+"""Listener kinds under twistd: PROXY protocol (plain and implicit TLS behind it), peer filtering,
+UNIX sockets. Upstream: the real Dovecot."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+from pathlib import Path
+
+from popproxy.pki import CertificateAuthority, write_private
+from support.dovecot import DovecotServer
+from support.pop3client import RawPOP3, tls_context
+from support.proxyproc import ProxyProcess, free_port
+
+
+def test_proxy_protocol_unix_and_peer_filter(tmp_path: Path, dovecot: DovecotServer, ca: CertificateAuthority) -> None:
+    certificate = write_private(tmp_path / "proxy.pem", ca.issue(["localhost", "127.0.0.1"]).combined_pem)
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem)
+    proxied, proxied_tls, filtered = free_port(), free_port(), free_port()
+    unix_path = tmp_path / "pop3.sock"
+    config = tmp_path / "popproxy.toml"
+    config.write_text(
+        f'[[listen]]\nendpoint = "haproxy:tcp:{proxied}:interface=127.0.0.1"\ntls = "none"\n'
+        f'[[listen]]\nendpoint = "haproxy:tcp:{proxied_tls}:interface=127.0.0.1"\ntls = "implicit"\ncertificate = "{certificate}"\n'
+        f'[[listen]]\nendpoint = "haproxy:tcp:{filtered}:interface=127.0.0.1"\ntls = "none"\nproxy_from = ["10.0.0.0/8"]\n'
+        f'[[listen]]\nendpoint = "unix:{unix_path}"\ntls = "none"\n'
+        f'[upstream.dovecot]\naddress = "127.0.0.1:{dovecot.plain_port}"\ntls = "none"\n'
+        '[routing]\ndefault = "dovecot"\n'
+    )
+    proxy = ProxyProcess(config, [proxied, proxied_tls, filtered], tmp_path, json=True)
+    dave = dovecot.users["dave"]
+    try:
+        # A PROXY v1 header names the real client; the session is logged with that address.
+        raw = RawPOP3(proxied)
+        raw.send(b"PROXY TCP4 192.0.2.10 127.0.0.1 50123 110\r\n")
+        assert raw.answer().startswith(b"+OK")
+        raw.command(b"USER dave")
+        assert raw.command(b"PASS " + dave.password.encode()) == b"+OK Logged in.\r\n"
+        assert raw.command(b"STAT") == b"+OK %d %d\r\n" % (len(dave.messages), dave.total_size)
+        raw.command(b"QUIT")
+
+        # Implicit TLS behind the PROXY header: the header in clear text, then the handshake.
+        plain = socket.create_connection(("127.0.0.1", proxied_tls), timeout=10)
+        plain.sendall(b"PROXY TCP4 198.51.100.7 127.0.0.1 40000 995\r\n")
+        wrapped = tls_context(tmp_path / "ca.pem").wrap_socket(plain, server_hostname="localhost")
+        tls = RawPOP3(0, sock=wrapped)
+        assert tls.answer().startswith(b"+OK")
+        assert tls.command(b"NOOP") == b"+OK\r\n"
+        tls.command(b"QUIT")
+
+        # A peer outside proxy_from is refused before a byte is read.
+        refused = socket.create_connection(("127.0.0.1", filtered), timeout=10)
+        refused.sendall(b"PROXY TCP4 203.0.113.1 127.0.0.1 1 110\r\n")
+        assert refused.recv(100) == b""
+        refused.close()
+
+        # A connection without a PROXY header on a PROXY listener is closed (no guessing).
+        bare = socket.create_connection(("127.0.0.1", proxied), timeout=10)
+        bare.sendall(b"USER dave\r\n")
+        data = bare.recv(100)
+        assert not data.startswith(b"+OK Logged") and bare.recv(100) == b""
+        bare.close()
+
+        # UNIX socket listener.
+        unix = socket.socket(socket.AF_UNIX)
+        unix.settimeout(10)
+        unix.connect(str(unix_path))
+        local = RawPOP3(0, sock=unix)
+        assert local.answer().startswith(b"+OK")
+        local.command(b"USER dave")
+        assert local.command(b"PASS " + dave.password.encode()) == b"+OK Logged in.\r\n"
+        local.command(b"QUIT")
+        time.sleep(0.3)
+    finally:
+        proxy.stop()
+    events = proxy.events()
+    peers = {e.get("peer_host") for e in events if e.get("event") == "session_opened"}
+    assert "192.0.2.10" in peers and "198.51.100.7" in peers
+    assert "203.0.113.1" not in peers
+    ended = [e for e in events if e.get("event") == "session_ended" and e.get("peer_host") == "198.51.100.7"]
+    assert ended and ended[0]["client_tls_version"] in ("TLSv1.2", "TLSv1.3")
+    assert any("not in proxy_from" in str(e.get("log_format", "")) for e in events)
