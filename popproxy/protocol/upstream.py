@@ -102,6 +102,10 @@ class UpstreamProtocol(Protocol):
         self._reader.feed(data)
 
     def handshakeCompleted(self) -> None:
+        # Twisted calls this even when certificate verification failed and the connection is being
+        # aborted (the check runs in the handshake's info callback): trust only a live connection.
+        if getattr(self.transport, "disconnecting", False):
+            return
         self.connected_tls = True
         if self._handshake is not None:
             waiting, self._handshake = self._handshake, None
