@@ -114,6 +114,7 @@ class ClientProtocol(Protocol):
         self._opened_logged = False
         self._closing = False
         self._hung_up = False
+        self._client_tls: dict[str, str] = {}
 
     # -- log fields ---------------------------------------------------------------------------------
 
@@ -226,9 +227,11 @@ class ClientProtocol(Protocol):
             ended=self._end_reason,
             authenticated=state is State.TRANSACTION or self._upstream is not None,
         )
-        fields.update(_prefixed("client_", tls_facts(self.transport) if self._tls_active else {}))
+        if self._tls_active and not self._client_tls:
+            self._client_tls = tls_facts(self.transport)
+        fields.update(_prefixed("client_", self._client_tls))
         if self._upstream is not None:
-            fields.update(_prefixed("upstream_", tls_facts(self._upstream.transport)))
+            fields.update(_prefixed("upstream_", self._upstream.tls_facts))
             fields.update(
                 bytes_from_upstream=self._upstream.bytes_in,
                 bytes_to_upstream=self._upstream.bytes_out,
@@ -436,6 +439,10 @@ class ClientProtocol(Protocol):
     # -- logging in upstream ------------------------------------------------------------------------
 
     def _log_in(self, user_bytes: bytes, password: bytes) -> None:
+        if self._tls_active and not self._client_tls:
+            # The handshake is over by now (a command arrived over TLS); read its facts while the
+            # connection is certainly alive.
+            self._client_tls = tls_facts(self.transport)
         # No command injection upstream through credentials (nginx PR #1620 class): CR, LF and NUL
         # never appear in what we send. Line splitting already removed LF; SASL may carry any byte.
         if has_forbidden_bytes(user_bytes) or has_forbidden_bytes(password):

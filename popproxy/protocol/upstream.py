@@ -22,6 +22,7 @@ from zope.interface import implementer
 from ..pop3 import capa
 from ..pop3.framing import ResponseReader
 from ..pop3.wire import CRLF, is_ok, response_code
+from ..tls import tls_facts
 from .responses import CollectSink, ResponseSink
 
 # RFC 1939 §3 caps a status line at 512 octets; leave room for servers that exceed it a little.
@@ -88,6 +89,7 @@ class UpstreamProtocol(Protocol):
         self.pipelining = False
         self.capabilities: list[bytes] = []
         self.connected_tls = False
+        self.tls_facts: dict[str, str] = {}
         self.bytes_in = 0
         self.bytes_out = 0
         self.closed = False
@@ -107,6 +109,8 @@ class UpstreamProtocol(Protocol):
         if getattr(self.transport, "disconnecting", False):
             return
         self.connected_tls = True
+        # Read now: once the connection is gone the TLS state may no longer be reachable.
+        self.tls_facts = tls_facts(self.transport)
         if self._handshake is not None:
             waiting, self._handshake = self._handshake, None
             waiting.callback(None)

@@ -10,7 +10,7 @@ from popproxy.pki import CertificateAuthority, write_private
 _CA: CertificateAuthority | None = None
 
 
-def test_ca() -> CertificateAuthority:
+def shared_ca() -> CertificateAuthority:
     """One throwaway CA per test process (key generation is cheap, but not free)."""
     global _CA
     if _CA is None:
@@ -19,7 +19,7 @@ def test_ca() -> CertificateAuthority:
 
 
 def write_certificate(folder: Path, name: str = "proxy.pem", names: tuple[str, ...] = ("localhost", "127.0.0.1")) -> Path:
-    return write_private(folder / name, test_ca().issue(names).combined_pem)
+    return write_private(folder / name, shared_ca().issue(names).combined_pem)
 
 
 def proxy_config(

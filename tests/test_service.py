@@ -1,0 +1,44 @@
+"""The running service, in memory: listeners, certificate expiry warnings, shutdown."""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import globalLogPublisher
+
+from popproxy.pki import write_private
+from popproxy.service import ProxyService
+from support.configs import proxy_config, shared_ca
+
+
+def test_expiring_certificate_warns_at_start_and_daily(tmp_path: Path) -> None:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    soon = write_private(tmp_path / "soon.pem", shared_ca().issue(["localhost"], not_after=now + datetime.timedelta(days=10)).combined_pem)
+    later = write_private(tmp_path / "later.pem", shared_ca().issue(["localhost"]).combined_pem)
+    config = proxy_config(
+        tmp_path,
+        listeners=[
+            {"endpoint": "tcp:995", "tls": "implicit", "certificate": str(soon)},
+            {"endpoint": "tcp:110", "tls": "starttls", "certificate": str(later)},
+        ],
+    )
+    clock = MemoryReactorClock()
+    clock.advance(now.timestamp())
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        service = ProxyService(config, clock)
+        service.startService()
+        warnings = [e for e in events if e.get("event") == "certificate_expiring"]
+        assert [(w["listener"], w["path"], w["days"]) for w in warnings] == [("listen[0]", str(soon), 9)]
+        clock.advance(86400)
+        warnings = [e for e in events if e.get("event") == "certificate_expiring"]
+        assert [w["days"] for w in warnings] == [9, 8]
+        service.stopService()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    # Both listeners were bound on the (memory) reactor.
+    assert sorted(port for port, *_ in clock.tcpServers) == [110, 995]
