@@ -352,4 +352,5 @@ def test_unreachable_upstream_is_sys_temp(tmp_path: Path, dovecot: DovecotServer
         client.quit()
     finally:
         proxy.stop()
-    assert "unreachable" in proxy.log() and "dave-pw" not in proxy.log()
+    log = proxy.log()
+    assert f"at 127.0.0.1:{closed_port} unreachable" in log and "dave-pw" not in log

@@ -121,12 +121,11 @@ class UpstreamConnector:
             except Exception as error:
                 reason = "timed out" if isinstance(error, TwistedTimeoutError) else describe(error)
                 failures.append(f"{address}: {reason}")
+                # log_fields may hold "upstream" already (the client leg puts it there): merge,
+                # never pass a key twice (that raised, and stopped the failover to the next address).
                 log.warn(
                     "upstream {upstream} at {address} unreachable: {reason}",
-                    upstream=upstream.name,
-                    address=str(address),
-                    reason=reason,
-                    **log_fields,
+                    **{**log_fields, "upstream": upstream.name, "address": str(address), "reason": reason},
                 )
                 continue
             return protocol
