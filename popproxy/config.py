@@ -20,7 +20,7 @@ import re
 import string
 import tomllib
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
@@ -28,6 +28,8 @@ from typing import Any, Final
 __all__ = [
     "Address",
     "ConfigError",
+    "HookConfig",
+    "HookOptions",
     "LimitsConfig",
     "ListenerConfig",
     "ProxyConfig",
@@ -46,6 +48,9 @@ DEFAULT_LOGIN_TIMEOUT: Final = 60.0
 DEFAULT_IDLE_TIMEOUT: Final = 600.0  # RFC 1939 §3: an autologout timer "MUST be of at least 10 minutes"
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# The default of a key that must be present.
+_REQUIRED: Final[Any] = object()
 
 # Upstream names appear in keys ("upstream.NAME.tls"), logs and metric labels: keep them plain.
 _UPSTREAM_NAME = re.compile(r"[A-Za-z0-9_-]+")
@@ -189,6 +194,131 @@ class LimitsConfig:
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
 
 
+class HookOptions:
+    """A ``[[hook]]`` table's own settings, for the hook's factory to read with type checks.
+
+    Every getter names the file and key in its ``ConfigError``. Call ``finish()`` once everything
+    was read: keys nobody asked for are refused, so that a misspelt setting never goes unnoticed.
+    Third-party hooks use the same getters.
+    """
+
+    def __init__(self, data: dict[str, object], key: str, path: Path) -> None:
+        self._table = _Table(data, key, path, tuple(data))
+        self._read: set[str] = set()
+        self.key = key
+        self.path = path
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._table.data
+
+    def error(self, name: str, reason: str) -> ConfigError:
+        return self._table.error(name, reason)
+
+    def _take(self, name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        self._read.add(name)
+        return self._table.take(name, kind, default)
+
+    def string(self, name: str, default: Any = _REQUIRED) -> str:
+        return self._take(name, str, default)  # type: ignore[no-any-return]
+
+    def boolean(self, name: str, default: Any = _REQUIRED) -> bool:
+        return self._take(name, bool, default)  # type: ignore[no-any-return]
+
+    def integer(self, name: str, default: Any = _REQUIRED, minimum: int | None = None) -> int:
+        value = self._take(name, int, default)
+        if minimum is not None and value is not None and value < minimum:
+            raise self.error(name, f"must be at least {minimum}, not {value}")
+        return value  # type: ignore[no-any-return]
+
+    def number(self, name: str, default: Any = _REQUIRED) -> float:
+        value = self._take(name, (int, float), default)
+        if value is not None and not math.isfinite(value):
+            raise self.error(name, f"must be a finite number, not {value!r}")
+        return float(value) if value is not None else value  # type: ignore[return-value]
+
+    def seconds(self, name: str, default: float) -> float:
+        self._read.add(name)
+        return _seconds(self._table, name, default)
+
+    def choice(self, name: str, choices: tuple[str, ...], default: Any = _REQUIRED) -> str:
+        self._read.add(name)
+        return _choice(self._table, name, choices, default)
+
+    def strings(self, name: str, default: Any = _REQUIRED) -> list[str]:
+        value = self._take(name, list, default)
+        for index, item in enumerate(value or ()):
+            if not isinstance(item, str):
+                raise self.error(f"{name}[{index}]", f"must be a string, not {_toml_type(item)}")
+        return list(value) if value is not None else value  # type: ignore[return-value]
+
+    def file(self, name: str, default: Any = _REQUIRED) -> Path | None:
+        """An existing regular file, relative to the configuration file's folder."""
+        value = self._take(name, str, default)
+        return None if value is None else _file(self._table, name, value, self.path.parent)
+
+    def path(self, name: str, default: Any = _REQUIRED) -> Path | None:
+        """A path that need not exist yet (a folder or file to write), relative to the config's folder."""
+        value = self._take(name, str, default)
+        if value is None:
+            return None
+        if not value:
+            raise self.error(name, "must not be empty")
+        return self.path.parent / value
+
+    def tables(self, name: str) -> list[HookOptions]:
+        """An array of tables (``[[hook.rule]]``), each read with its own getters and ``finish()``."""
+        value = self._take(name, list, [])
+        result = []
+        for index, item in enumerate(value):
+            if not isinstance(item, dict):
+                raise self.error(f"{name}[{index}]", f"must be a table, not {_toml_type(item)}")
+            result.append(HookOptions(item, f"{self.key}.{name}[{index}]", self.path))
+        return result
+
+    def finish(self) -> None:
+        """Refuse the keys that no getter read."""
+        for name in self._table.data:
+            if name not in self._read:
+                raise self.error(name, "unknown key for this hook")
+
+
+@dataclass(frozen=True, slots=True)
+class HookConfig:
+    """One ``[[hook]]`` table: the settings every hook has, and its own ``options``.
+
+    :ivar use: a built-in hook name, an entry point name (group ``popproxy.hooks``) or ``module:attr``.
+    :ivar name: how the hook is called in logs and verdicts (default: ``use``); unique.
+    :ivar users: user names and ``@domain`` entries the hook applies to; empty means everyone.
+    :ivar timeout: seconds a message hook may take over one message.
+    :ivar on_error: ``"pass"`` delivers the message as it stood before the hook; ``"refuse"`` answers
+        ``-ERR [SYS/TEMP]`` so that the client leaves the message on the server.
+    :ivar max_size: a message hook sees messages up to this many octets (upstream size); larger
+        ones stream through without it.
+    """
+
+    key: str
+    use: str
+    name: str
+    users: tuple[str, ...]
+    timeout: float
+    on_error: str
+    max_size: int
+    options: HookOptions = field(compare=False, repr=False)
+
+    def applies_to(self, user: str) -> bool:
+        """Exact user names match as written, ``@domain`` entries case-insensitively."""
+        if not self.users:
+            return True
+        _, at, domain = user.rpartition("@")
+        for entry in self.users:
+            if entry.startswith("@"):
+                if at and domain.lower() == entry[1:].lower():
+                    return True
+            elif entry == user:
+                return True
+        return False
+
+
 @dataclass(frozen=True, slots=True)
 class ProxyConfig:
     """The whole configuration. ``upstreams`` is read-only (a ``MappingProxyType``)."""
@@ -198,6 +328,7 @@ class ProxyConfig:
     upstreams: Mapping[str, UpstreamConfig]
     routing: RoutingConfig
     limits: LimitsConfig
+    hooks: tuple[HookConfig, ...] = ()
 
 
 def load_config(path: str | os.PathLike[str]) -> ProxyConfig:
@@ -229,14 +360,15 @@ def parse_config(text: str, path: Path) -> ProxyConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:  # its message carries "(at line L, column C)"
         raise ConfigError(path, "-", f"TOML syntax error: {error}") from None
-    root = _Table(data, "", path, ("listen", "upstream", "routing", "limits"))
+    root = _Table(data, "", path, ("listen", "upstream", "routing", "limits", "hook"))
     listeners = _listeners(root, path.parent)
     upstreams = _upstreams(root, path.parent)
     routing = _routing(
         _Table(root.take("routing", dict, {}), "routing", path, ("default", "users")), upstreams
     )
     limits = _limits(_Table(root.take("limits", dict, {}), "limits", path, ("login_timeout", "idle_timeout")))
-    return ProxyConfig(path, listeners, MappingProxyType(upstreams), routing, limits)
+    hooks = _hooks(root)
+    return ProxyConfig(path, listeners, MappingProxyType(upstreams), routing, limits, hooks)
 
 
 # --- one function per table ------------------------------------------------------------------------
@@ -428,6 +560,51 @@ def _routing(t: _Table, upstreams: Mapping[str, UpstreamConfig]) -> RoutingConfi
     return RoutingConfig(default, MappingProxyType(users), MappingProxyType(domains))
 
 
+DEFAULT_HOOK_TIMEOUT: Final = 10.0
+DEFAULT_HOOK_MAX_SIZE: Final = 4 * 1024 * 1024
+HOOK_ERROR_POLICIES: Final = ("pass", "refuse")
+_HOOK_KEYS: Final = ("use", "name", "users", "timeout", "on_error", "max_size")
+
+
+def _hooks(root: _Table) -> tuple[HookConfig, ...]:
+    tables = root.take("hook", list, [])
+    hooks: list[HookConfig] = []
+    for index, table in enumerate(tables):
+        key = f"hook[{index}]"
+        if not isinstance(table, dict):
+            raise ConfigError(root.path, key, f"must be a table, not {_toml_type(table)}")
+        common = {name: value for name, value in table.items() if name in _HOOK_KEYS}
+        own = {name: value for name, value in table.items() if name not in _HOOK_KEYS}
+        t = _Table(common, key, root.path, _HOOK_KEYS)
+        use = t.take("use", str)
+        if not use:
+            raise t.error("use", "must name a hook")
+        name = t.take("name", str, use)
+        if any(hook.name == name for hook in hooks):
+            raise t.error("name", f"another hook is already called {name!r}: give each a distinct name")
+        users = []
+        for entry_key, entry in _strings(t, "users") if "users" in common else []:
+            if not entry or entry == "@" or any(c.isspace() for c in entry):
+                raise t.error(entry_key, f"must be a user name or @domain, not {entry!r}")
+            users.append(entry)
+        max_size = t.take("max_size", int, DEFAULT_HOOK_MAX_SIZE)
+        if max_size < 1:
+            raise t.error("max_size", f"must be a number of octets greater than 0, not {max_size}")
+        hooks.append(
+            HookConfig(
+                key=key,
+                use=use,
+                name=name,
+                users=tuple(users),
+                timeout=_seconds(t, "timeout", DEFAULT_HOOK_TIMEOUT),
+                on_error=_choice(t, "on_error", HOOK_ERROR_POLICIES, "pass"),
+                max_size=max_size,
+                options=HookOptions(own, key, root.path),
+            )
+        )
+    return tuple(hooks)
+
+
 def _limits(t: _Table) -> LimitsConfig:
     return LimitsConfig(
         login_timeout=_seconds(t, "login_timeout", DEFAULT_LOGIN_TIMEOUT),
@@ -436,9 +613,6 @@ def _limits(t: _Table) -> LimitsConfig:
 
 
 # --- typed access to one table -----------------------------------------------------------------------
-
-_REQUIRED: Final[Any] = object()
-
 
 class _Table:
     """One TOML table being read: unknown keys are refused up front, then ``take`` type-checks.

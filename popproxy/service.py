@@ -11,6 +11,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from .config import ProxyConfig
+from .hooks.registry import build_hooks
 from .listeners import listener_service
 from .protocol.client import SessionSettings
 from .protocol.connector import UpstreamConnector
@@ -37,11 +38,12 @@ class ProxyService(MultiService):
         self.factories: list[ProxyFactory] = []
         self.server_tls: dict[str, ServerTLS] = {}
         connector = connector or UpstreamConnector(reactor)
+        self.hooks = build_hooks(config)
         for listener in config.listeners:
             server_tls = ServerTLS.from_listener(listener, config.path) if listener.tls != "none" else None
             if server_tls is not None:
                 self.server_tls[listener.key] = server_tls
-            factory = ProxyFactory(SessionSettings(listener, config, server_tls, connector, reactor))
+            factory = ProxyFactory(SessionSettings(listener, config, server_tls, connector, reactor, self.hooks))
             self.factories.append(factory)
             listener_service(reactor, listener, factory, server_tls).setServiceParent(self)
         expiry = TimerService(EXPIRY_CHECK_INTERVAL, self.warn_expiring_certificates)
@@ -78,4 +80,11 @@ class ProxyService(MultiService):
         for factory in self.factories:
             for session in list(factory.sessions):
                 session.shut_down()
+        for built in self.hooks:
+            close = getattr(built.hook, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    log.failure("hook {hook} failed to close", hook=built.config.name)
         return stopped

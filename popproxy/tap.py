@@ -48,16 +48,21 @@ class Options(usage.Options):
 
 def validated_config(path: str) -> ProxyConfig:
     """Load ``path`` and check everything that can be checked without listening: endpoint strings
-    and every TLS context (a certificate that does not match its key fails here, not at the first
-    handshake)."""
+    every TLS context (a certificate that does not match its key fails here, not at the first
+    handshake), and every hook."""
     from twisted.internet import reactor
 
+    from .hooks.registry import build_hooks
     from .listeners import check_endpoints
     from .tls import check_tls
 
     config = load_config(path)
     check_endpoints(reactor, config)
     check_tls(config)
+    for built in build_hooks(config):  # every hook's own settings, and that it loads at all
+        close = getattr(built.hook, "close", None)
+        if close is not None:
+            close()
     return config
 
 

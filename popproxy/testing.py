@@ -19,8 +19,9 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.test import iosim
 
 from .config import Address, ProxyConfig, UpstreamConfig
+from .hooks.registry import BuiltHook, build_hooks
 from .pop3.framing import CommandLines
-from .pop3.wire import CRLF, err, multiline, ok, parse_command, stuff_line
+from .pop3.wire import CRLF, err, multiline, ok, parse_command, stuff_body
 from .protocol.client import ClientProtocol, SessionSettings
 from .protocol.connector import UpstreamConnector
 from .protocol.factory import ProxyFactory
@@ -209,10 +210,7 @@ class FakePOP3Server(Protocol):
 
 def wire_body(message: bytes) -> bytes:
     """A message (CRLF line endings, ending in CRLF) as a multi-line body: stuffed, terminated."""
-    lines = message.split(CRLF)
-    if lines and lines[-1] == b"":
-        lines.pop()
-    return b"".join(stuff_line(line) + CRLF for line in lines) + b"." + CRLF
+    return stuff_body(message)
 
 
 class FakePOP3Factory(Factory):
@@ -288,7 +286,8 @@ class MemoryProxy:
     ``clock.advance()`` for timeouts. ``upstreams`` maps each ``[upstream.NAME]`` to its fake.
     """
 
-    def __init__(self, config: ProxyConfig, listener_index: int = 0, server_tls: Any = None) -> None:
+    def __init__(self, config: ProxyConfig, listener_index: int = 0, server_tls: Any = None,
+                 hooks: tuple[BuiltHook, ...] | None = None) -> None:
         self.clock = MemoryReactorClock()
         self.config = config
         self.upstreams: dict[str, FakePOP3Factory] = {}
@@ -300,8 +299,9 @@ class MemoryProxy:
             for address in upstream.addresses:
                 TCP4ServerEndpoint(self.clock, address.port, interface=address.host).listen(fake)
         self.connector = UpstreamConnector(self.clock, self._endpoint_for)
+        self.hooks = build_hooks(config) if hooks is None else hooks
         self.factory = ProxyFactory(
-            SessionSettings(config.listeners[listener_index], config, server_tls, self.connector, self.clock)
+            SessionSettings(config.listeners[listener_index], config, server_tls, self.connector, self.clock, self.hooks)
         )
         self.refuse: set[Address] = set()
 

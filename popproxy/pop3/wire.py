@@ -90,3 +90,16 @@ def unstuff_lines(body: bytes) -> list[bytes]:
         return []
     lines = body[: -len(b"." + CRLF)].split(CRLF)[:-1]
     return [line[1:] if line.startswith(b".") else line for line in lines]
+
+
+def stuff_body(message: bytes) -> bytes:
+    """A message (CRLF line endings, ending in CRLF) as a multi-line body: dot-stuffed, terminated
+    (RFC 1939 §3). A message that does not end with CRLF gets one, as POP3 requires."""
+    if message and not message.endswith(CRLF):
+        message += CRLF
+    return (CRLF + message).replace(b"\r\n.", b"\r\n..")[2:] + b"." + CRLF
+
+
+def unstuff_body(body: bytes) -> bytes:
+    """The message in a complete wire body (terminator included): the inverse of ``stuff_body``."""
+    return (CRLF + body[: -len(b"." + CRLF)]).replace(b"\r\n..", b"\r\n.")[2:]

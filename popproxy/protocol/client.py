@@ -20,7 +20,12 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from twisted.internet.defer import ensureDeferred
+
 from ..config import ListenerConfig, ProxyConfig
+from ..hooks.events import SessionEvents
+from ..hooks.interfaces import Delivery, SessionFacts
+from ..hooks.registry import BuiltHook
 from ..pop3 import capa, commands, sasl
 from ..pop3.framing import TOO_LONG, CommandLines
 from ..pop3.wire import (
@@ -36,7 +41,9 @@ from ..pop3.wire import (
 from ..tls import ServerTLS, tls_facts
 from .connector import UpstreamConnector
 from .flow import HoldProducer, PauseGate
-from .responses import AnswerQueue, FilteringSink, RelaySink, ResponseSink
+from .hooked import HookRuntime, TransactionHooks
+from .mailbox import MailboxView, parse_listing
+from .responses import AnswerQueue, CollectSink, FilteringSink, RelaySink, ResponseSink
 from .upstream import (
     PASSED_LOGIN_CODES,
     UpstreamProtocol,
@@ -83,6 +90,7 @@ class SessionSettings:
     server_tls: ServerTLS | None
     connector: UpstreamConnector
     clock: IReactorTime
+    hooks: tuple[BuiltHook, ...] = ()
 
 
 class ClientProtocol(Protocol):
@@ -101,7 +109,7 @@ class ClientProtocol(Protocol):
         self._upstream: UpstreamProtocol | None = None
         self._upstream_name: str | None = None
         self._login: Deferred[UpstreamProtocol] | None = None
-        self._answers = AnswerQueue(self._write, self._answers_idle)
+        self._answers = AnswerQueue(self._write, self._answers_idle, self._answer_finished)
         self._reading = PauseGate()
         self._quit_sent = False
         self._timer: IDelayedCall | None = None
@@ -115,6 +123,10 @@ class ClientProtocol(Protocol):
         self._closing = False
         self._hung_up = False
         self._client_tls: dict[str, str] = {}
+        self._tls_reported = False
+        self._events = SessionEvents(settings.hooks)
+        self._hooks: TransactionHooks | None = None
+        self._waiting_command: tuple[Command, bytes] | None = None
 
     # -- log fields ---------------------------------------------------------------------------------
 
@@ -127,6 +139,21 @@ class ClientProtocol(Protocol):
             "listener": self.settings.listener.key,
         }
 
+    def session_facts(self) -> SessionFacts:
+        """A snapshot of what is known about this session, for hooks."""
+        fields = self._fields()
+        upstream = self._upstream
+        return SessionFacts(
+            session_id=self.session_id,
+            client_host=str(fields["peer_host"]),
+            client_port=int(fields["peer_port"] or 0),
+            listener=self.settings.listener.key,
+            user=self.user,
+            upstream=self._upstream_name,
+            client_tls=dict(self._client_tls),
+            upstream_tls=dict(upstream.tls_facts) if upstream is not None else {},
+        )
+
     def _log_opened(self) -> None:
         if not self._opened_logged:
             self._opened_logged = True
@@ -136,6 +163,8 @@ class ClientProtocol(Protocol):
                 endpoint=self.settings.listener.endpoint,
                 **self._fields(),
             )
+            if self._events:
+                self._events.emit("session_opened", self.session_facts())
 
     # -- Twisted callbacks --------------------------------------------------------------------------
 
@@ -153,6 +182,13 @@ class ClientProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self._log_opened()
+        if self._tls_active and not self._tls_reported:
+            # Application data arrived over TLS, so the handshake is complete: record its facts now
+            # (behind the PROXY wrapper no handshake callback arrives, TWISTED-NOTES gotcha 4).
+            self._tls_reported = True
+            self._client_tls = tls_facts(self.transport)
+            if self._events:
+                self._events.emit("tls_started", self.session_facts())
         self._bytes_in += len(data)
         self._lines.feed(data)
         self._process_lines()
@@ -175,7 +211,9 @@ class ClientProtocol(Protocol):
                 # No QUIT from the client: no deletions. Drop the connection without QUIT.
                 upstream.abort()
         self._log_opened()
-        self._log_ended(previous)
+        summary = self._log_ended(previous)
+        if self._events:
+            self._events.emit("session_closed", self.session_facts(), summary)
         waiters, self._close_waiters = self._close_waiters, []
         for waiter in waiters:
             waiter.callback(None)
@@ -215,7 +253,7 @@ class ClientProtocol(Protocol):
             self._close_waiters.append(waiter)
         return waiter
 
-    def _log_ended(self, state: State) -> None:
+    def _log_ended(self, state: State) -> dict[str, Any]:
         fields = self._fields()
         fields.update(
             event="session_ended",
@@ -241,6 +279,7 @@ class ClientProtocol(Protocol):
             "{bytes_from_client} bytes in, {bytes_to_client} bytes out, {duration}s",
             **fields,
         )
+        return {key: value for key, value in fields.items() if key != "event"}
 
     # -- output -------------------------------------------------------------------------------------
 
@@ -464,6 +503,7 @@ class ClientProtocol(Protocol):
                 code="AUTH",
                 **self._fields(),
             )
+            self._authenticated("refused", "AUTH")
             self._answer(AUTH_FAILED)
             return
         upstream = config.upstreams[route]
@@ -478,8 +518,32 @@ class ClientProtocol(Protocol):
         )
         self._login.addCallbacks(self._logged_in, self._login_failed, (user, upstream.name), None, (user, upstream.name))
 
+    def _authenticated(self, result: str, code: str | None) -> None:
+        if self._events:
+            self._events.emit("authenticated", self.session_facts(), result, code)
+
     def _logged_in(self, upstream: UpstreamProtocol, user: str, upstream_name: str) -> None:
         self._login = None
+        if self.state is State.CLOSED:
+            upstream.abort()
+            return
+        message_hooks = [h for h in self.settings.hooks if h.is_message_hook and h.config.applies_to(user)]
+        if not message_hooks:
+            self._start_transaction(upstream, user, upstream_name, None)
+            return
+        # Sizes must include what the hooks may add from the first answer on: learn them now.
+        prepared = ensureDeferred(_mailbox_view(upstream, message_hooks))
+        prepared.addCallbacks(
+            lambda mailbox: self._start_transaction(upstream, user, upstream_name, mailbox),
+            lambda failure: self._mailbox_failed(failure, upstream, user, upstream_name),
+        )
+
+    def _mailbox_failed(self, failure: Failure, upstream: UpstreamProtocol, user: str, upstream_name: str) -> None:
+        upstream.abort()
+        self._login_failed(Failure(UpstreamUnavailable(f"LIST/UIDL at login failed: {describe(failure)}")), user, upstream_name)
+
+    def _start_transaction(self, upstream: UpstreamProtocol, user: str, upstream_name: str,
+                           mailbox: MailboxView | None) -> None:
         if self.state is State.CLOSED:
             upstream.abort()
             return
@@ -487,6 +551,17 @@ class ClientProtocol(Protocol):
         self._upstream = upstream
         self._upstream_name = upstream_name
         self.user = user
+        if mailbox is not None or self._events:
+            runtime = HookRuntime(
+                clock=self.settings.clock,
+                mailbox=mailbox,
+                facts=self.session_facts,
+                pause_upstream=upstream.pause_reading,
+                resume_upstream=upstream.resume_reading,
+                delivered=self._delivered if self._events else None,
+                wanted_headers=frozenset(self._events.wanted_headers),
+            )
+            self._hooks = TransactionHooks(runtime, self._answers, self._write, self._upstream_broke)
         self.log.info(
             "session {session_id}: {user} logged in to {upstream}",
             event="login",
@@ -506,6 +581,7 @@ class ClientProtocol(Protocol):
             HoldProducer(self._hold_reading, self._release_reading, "upstream busy"), True
         )
         self._start_timer(self.settings.config.limits.idle_timeout, "idle timeout")
+        self._authenticated("ok", None)
         self._answer(ok("Logged in."))
         self._release_reading("login")
 
@@ -532,6 +608,7 @@ class ClientProtocol(Protocol):
             reason=reason if result == "unavailable" else f"upstream said {error.code or 'no'}",
             **self._fields(),
         )
+        self._authenticated(result, code)
         self._answer(answer)
         self._release_reading("login")
 
@@ -553,7 +630,21 @@ class ClientProtocol(Protocol):
         if command.verb == b"QUIT":
             self._quit_sent = True
             self._end_reason = "quit"
-        upstream.request(command.to_line(), self.sink_for(command), expects_body=commands.expects_body(command))
+        hooks = self._hooks
+        if hooks is not None and hooks.must_wait(command):
+            self._waiting_command = (command, line)
+            self._hold_reading("verdict pending")
+            return
+        if hooks is not None:
+            local = hooks.local_answer(command)
+            if local is not None:
+                self._answer(local)
+                return
+        to_send = hooks.upstream_line(command) if hooks is not None else command.to_line()
+        sink = self.sink_for(command)
+        if isinstance(sink, RelaySink) and self._events:
+            sink.label = (command.verb.decode("ascii", "replace"), command.rest.decode("utf-8", "replace"))
+        upstream.request(to_send, sink, expects_body=commands.expects_body(command))
         if len(self._answers) >= MAX_OUTSTANDING:
             self._hold_reading("pipeline full")
 
@@ -568,9 +659,25 @@ class ClientProtocol(Protocol):
             return FilteringSink(self._answers, self._write, self._upstream_broke, capa.after_login)
         if command.verb == b"QUIT":
             return _QuitSink(self._answers, self._write, self._upstream_broke, self._quit_answered)
+        if self._hooks is not None:
+            sink = self._hooks.sink_for(command)
+            if sink is not None:
+                return sink
         return RelaySink(self._answers, self._write, self._upstream_broke)
 
+    def _answer_finished(self, sink: RelaySink) -> None:
+        if sink.label is not None and self._events:
+            command, argument = sink.label
+            self._events.emit("command_done", self.session_facts(), command, argument, sink.succeeded)
+
+    def _delivered(self, delivery: Delivery) -> None:
+        self._events.emit("message_delivered", self.session_facts(), delivery)
+
     def _answers_idle(self) -> None:
+        waiting, self._waiting_command = self._waiting_command, None
+        if waiting is not None:
+            self._reading.release("verdict pending")
+            self._transaction(*waiting)
         self._release_reading("pipeline full")
 
     def _quit_answered(self) -> None:
@@ -610,6 +717,21 @@ class _QuitSink(RelaySink):
 
     def failed(self, reason: Failure) -> None:
         self._done()
+
+
+async def _mailbox_view(upstream: UpstreamProtocol, hooks: list[BuiltHook]) -> MailboxView:
+    """LIST and UIDL, once, at login: sizes for the reservations, UIDLs for the hooks' facts."""
+    listing = CollectSink(limit=64 * 1024 * 1024)
+    upstream.request(b"LIST\r\n", listing, expects_body=True)
+    uidl = CollectSink(limit=64 * 1024 * 1024)
+    upstream.request(b"UIDL\r\n", uidl, expects_body=True)
+    status, lines = await listing.result
+    if not status.startswith(b"+OK"):
+        raise UpstreamUnavailable("LIST refused")
+    sizes = {n: int(value) for n, value in parse_listing(lines).items() if value.isdigit()}
+    status, lines = await uidl.result
+    uidls = {n: value.decode("ascii", "replace") for n, value in parse_listing(lines).items()} if status.startswith(b"+OK") else {}
+    return MailboxView(sizes, uidls, hooks)
 
 
 def _prefixed(prefix: str, facts: dict[str, str]) -> dict[str, str]:

@@ -45,9 +45,15 @@ class AnswerQueue:
     leg then resumes reading pipelined commands it held back).
     """
 
-    def __init__(self, write: Callable[[bytes], None], on_idle: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        write: Callable[[bytes], None],
+        on_idle: Callable[[], None],
+        on_finished: Callable[[RelaySink], None] | None = None,
+    ) -> None:
         self._write = write
         self._on_idle = on_idle
+        self._on_finished = on_finished
         # Each entry is a RelaySink (still streaming or waiting) or bytes (a local answer).
         self._entries: deque[RelaySink | bytes] = deque()
 
@@ -68,6 +74,8 @@ class AnswerQueue:
         """``sink``, the head of the queue, is complete: send the local answers queued behind it."""
         assert self._entries and self._entries[0] is sink, "answers finished out of order"
         self._entries.popleft()
+        if self._on_finished is not None:
+            self._on_finished(sink)
         ready = []
         while self._entries and isinstance(self._entries[0], bytes):
             ready.append(self._entries.popleft())
@@ -82,6 +90,11 @@ class RelaySink:
     untouched). If the upstream breaks in the middle of a body the client connection is aborted, so
     that no client stores a truncated message as complete."""
 
+    #: what the answer is for, as (command, argument), for session hooks; set by the client leg
+    label: tuple[str, str] | None = None
+    #: whether the status line was +OK
+    succeeded = False
+
     def __init__(self, queue: AnswerQueue, write: Callable[[bytes], None], abort: Callable[[], None]) -> None:
         self._queue = queue
         self._write = write
@@ -91,6 +104,7 @@ class RelaySink:
 
     def status(self, line: bytes, has_body: bool) -> None:
         self._in_body = has_body
+        self.succeeded = line.startswith(b"+OK")
         self._write(line)
 
     def body(self, data: bytes) -> None:
@@ -127,6 +141,7 @@ class FilteringSink(RelaySink):
         self._size = 0
 
     def status(self, line: bytes, has_body: bool) -> None:
+        self.succeeded = line.startswith(b"+OK")
         if has_body:
             self._status = line
         else:

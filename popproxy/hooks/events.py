@@ -1,0 +1,52 @@
+"""Delivering session events to session hooks, each call contained.
+
+A session hook that raises must not break the session or the other hooks: the error is logged (once
+per hook and event kind, so that a broken hook does not flood the log) and the session goes on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.logger import Logger
+
+from .interfaces import SessionFacts
+from .registry import BuiltHook
+
+log = Logger()
+
+
+class SessionEvents:
+    """The session hooks of one session, with the user filter applied once the user is known."""
+
+    def __init__(self, hooks: Sequence[BuiltHook]) -> None:
+        self._hooks = [built for built in hooks if built.is_session_hook]
+        self._failed: set[tuple[str, str]] = set()
+
+    def __bool__(self) -> bool:
+        return bool(self._hooks)
+
+    @property
+    def wanted_headers(self) -> set[str]:
+        """Headers the hooks want recorded for each delivered message (``wanted_headers`` attribute)."""
+        names: set[str] = set()
+        for built in self._hooks:
+            names.update(getattr(built.hook, "wanted_headers", ()) or ())
+        return names
+
+    def emit(self, event: str, session: SessionFacts, *args: Any) -> None:
+        for built in self._hooks:
+            if session.user is not None and not built.config.applies_to(session.user):
+                continue
+            try:
+                getattr(built.hook, event)(session, *args)
+            except Exception:
+                if (built.config.name, event) not in self._failed:
+                    self._failed.add((built.config.name, event))
+                    log.failure(
+                        "session hook {hook} failed in {hook_event}; the session goes on",
+                        hook=built.config.name,
+                        hook_event=event,
+                        session_id=session.session_id,
+                    )
