@@ -206,7 +206,8 @@ class HookOptions:
         self._table = _Table(data, key, path, tuple(data))
         self._read: set[str] = set()
         self.key = key
-        self.path = path
+        #: the configuration file, which relative paths are resolved against
+        self.config_path = path
 
     def __contains__(self, name: str) -> bool:
         return name in self._table.data
@@ -254,7 +255,7 @@ class HookOptions:
     def file(self, name: str, default: Any = _REQUIRED) -> Path | None:
         """An existing regular file, relative to the configuration file's folder."""
         value = self._take(name, str, default)
-        return None if value is None else _file(self._table, name, value, self.path.parent)
+        return None if value is None else _file(self._table, name, value, self.config_path.parent)
 
     def path(self, name: str, default: Any = _REQUIRED) -> Path | None:
         """A path that need not exist yet (a folder or file to write), relative to the config's folder."""
@@ -263,7 +264,7 @@ class HookOptions:
             return None
         if not value:
             raise self.error(name, "must not be empty")
-        return self.path.parent / value
+        return self.config_path.parent / value
 
     def tables(self, name: str) -> list[HookOptions]:
         """An array of tables (``[[hook.rule]]``), each read with its own getters and ``finish()``."""
@@ -272,7 +273,7 @@ class HookOptions:
         for index, item in enumerate(value):
             if not isinstance(item, dict):
                 raise self.error(f"{name}[{index}]", f"must be a table, not {_toml_type(item)}")
-            result.append(HookOptions(item, f"{self.key}.{name}[{index}]", self.path))
+            result.append(HookOptions(item, f"{self.key}.{name}[{index}]", self.config_path))
         return result
 
     def finish(self) -> None:

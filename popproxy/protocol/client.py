@@ -8,6 +8,7 @@ for byte, in order, with back-pressure both ways.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import secrets
 from collections.abc import Callable
@@ -503,7 +504,7 @@ class ClientProtocol(Protocol):
                 code="AUTH",
                 **self._fields(),
             )
-            self._authenticated("refused", "AUTH")
+            self._authenticated("refused", "AUTH", user)
             self._answer(AUTH_FAILED)
             return
         upstream = config.upstreams[route]
@@ -518,9 +519,11 @@ class ClientProtocol(Protocol):
         )
         self._login.addCallbacks(self._logged_in, self._login_failed, (user, upstream.name), None, (user, upstream.name))
 
-    def _authenticated(self, result: str, code: str | None) -> None:
+    def _authenticated(self, result: str, code: str | None, user: str | None = None,
+                       upstream: str | None = None) -> None:
         if self._events:
-            self._events.emit("authenticated", self.session_facts(), result, code)
+            facts = dataclasses.replace(self.session_facts(), user=user or self.user, upstream=upstream or self._upstream_name)
+            self._events.emit("authenticated", facts, result, code)
 
     def _logged_in(self, upstream: UpstreamProtocol, user: str, upstream_name: str) -> None:
         self._login = None
@@ -528,7 +531,9 @@ class ClientProtocol(Protocol):
             upstream.abort()
             return
         message_hooks = [h for h in self.settings.hooks if h.is_message_hook and h.config.applies_to(user)]
-        if not message_hooks:
+        wants_uidls = any(getattr(h.hook, "wants_uidls", False) for h in self.settings.hooks
+                          if h.is_session_hook and h.config.applies_to(user))
+        if not (message_hooks or wants_uidls):
             self._start_transaction(upstream, user, upstream_name, None)
             return
         # Sizes must include what the hooks may add from the first answer on: learn them now.
@@ -608,7 +613,7 @@ class ClientProtocol(Protocol):
             reason=reason if result == "unavailable" else f"upstream said {error.code or 'no'}",
             **self._fields(),
         )
-        self._authenticated(result, code)
+        self._authenticated(result, code, user, upstream_name)
         self._answer(answer)
         self._release_reading("login")
 

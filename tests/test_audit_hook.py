@@ -1,0 +1,123 @@
+"""The audit-log hook: JSON Lines records for a scripted session, rotation, syslog, no secrets."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import syslog
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from popproxy.config import ConfigError
+from popproxy.hooks.registry import build_hooks
+from popproxy.pop3.wire import unstuff_body
+from popproxy.testing import MemoryProxy, RecordingClient
+from support.configs import proxy_config
+
+MESSAGES = [
+    b"Message-ID: <one@example.org>\r\nFrom: Ann <ann@example.org>\r\nSubject: first\r\n\r\n.dot\r\nbody\r\n",
+    b"Message-ID: <two@example.org>\r\nFrom: Bo <bo@example.org>\r\nSubject: =?utf-8?q?s=C3=A9cond?=\r\n\r\nbody 2\r\n",
+]
+PASSWORD = "Sekr1t-Passw0rd"
+
+
+def make(tmp_path: Path, settings: str, message_hook: bool = False) -> MemoryProxy:
+    extra = '[[hook]]\nuse = "audit-log"\n' + settings
+    if message_hook:
+        extra += '[[hook]]\nuse = "support.samplehooks:tagger"\nreservation = 32\n'
+    config = proxy_config(tmp_path, upstreams={"main": {"address": "127.0.0.1:1110", "tls": "none"}}, extra=extra)
+    proxy = MemoryProxy(config)
+    proxy.upstreams["main"].add_user("alice", PASSWORD, MESSAGES)
+    return proxy
+
+
+def say(proxy: MemoryProxy, client: RecordingClient, data: bytes) -> bytes:
+    client.send(data)
+    proxy.pump()
+    return client.take()
+
+
+def records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("message_hook", [False, True])
+def test_scripted_session_records(tmp_path: Path, message_hook: bool) -> None:
+    log = tmp_path / "audit.jsonl"
+    proxy = make(tmp_path, f'path = "{log}"\nheaders = ["From", "Subject"]\n', message_hook)
+    client, _ = proxy.connect()
+    say(proxy, client, b"USER alice\r\nPASS wrong\r\n")
+    auth = base64.b64encode(b"\0alice\0" + PASSWORD.encode())
+    say(proxy, client, b"AUTH PLAIN " + auth + b"\r\n")
+    retr = say(proxy, client, b"RETR 1\r\n")
+    say(proxy, client, b"TOP 2 0\r\nDELE 1\r\nQUIT\r\n")
+    delivered = unstuff_body(retr.partition(b"\r\n")[2])
+    text = log.read_text()
+    assert PASSWORD not in text and auth.decode() not in text and "wrong" not in text
+    rows = records(log)
+    assert [row["event"] for row in rows] == ["session_open", "auth", "auth", "retr", "top", "dele", "session_close"]
+    for row in rows:
+        assert row["session_id"] == rows[0]["session_id"]
+        assert row["ts"].endswith("Z") and "T" in row["ts"]
+        assert row["client_host"] and isinstance(row["client_port"], int)
+    opened, failed, ok, retr_row, top_row, dele_row, closed = rows
+    assert opened["listener"] == "listen[0]" and "user" not in opened
+    assert (failed["user"], failed["result"], failed["code"], failed["upstream"]) == ("alice", "refused", "AUTH", "main")
+    assert (ok["result"], ok["code"], ok["upstream"]) == ("ok", None, "main")
+    assert retr_row["number"] == 1 and retr_row["sha256"] == hashlib.sha256(delivered).hexdigest()
+    assert retr_row["size"] == len(delivered)
+    assert retr_row["message_id"] == "<one@example.org>"
+    assert retr_row["headers"] == {"From": "Ann <ann@example.org>", "Subject": "first"}
+    assert retr_row["uidl"] == hashlib.sha1(MESSAGES[0]).hexdigest()[:16]
+    assert retr_row["scanned"] is message_hook
+    assert [v["hook"] for v in retr_row["verdicts"]] == (["support.samplehooks:tagger"] if message_hook else [])
+    assert top_row["number"] == 2 and top_row["message_id"] == "<two@example.org>"
+    assert top_row["headers"]["Subject"] == "=?utf-8?q?s=C3=A9cond?="
+    assert dele_row["number"] == 1 and dele_row["result"] == "ok"
+    assert dele_row["message_id"] == "<one@example.org>" and dele_row["sha256"] == retr_row["sha256"]
+    assert closed["ended"] == "quit" and closed["user"] == "alice" and closed["upstream"] == "main"
+    assert closed["bytes_to_client"] > len(delivered) and closed["duration"] >= 0
+
+
+def test_size_rotation_keeps_files(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    proxy = make(tmp_path, f'path = "{log}"\nrotate = "size"\nmax_bytes = 2048\nkeep = 2\n')
+    for _ in range(12):
+        client, _ = proxy.connect()
+        say(proxy, client, b"USER alice\r\nPASS " + PASSWORD.encode() + b"\r\nRETR 1\r\nQUIT\r\n")
+    rotated = sorted(p.name for p in tmp_path.glob("audit.jsonl.*"))
+    assert rotated == ["audit.jsonl.1", "audit.jsonl.2"]
+    for path in [log, *tmp_path.glob("audit.jsonl.*")]:
+        assert path.stat().st_mode & 0o777 == 0o600
+        records(path)  # every line of every file is whole JSON
+
+
+def test_syslog_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[tuple[int, str]] = []
+    monkeypatch.setattr(syslog, "syslog", lambda priority, line: sent.append((priority, line)))
+    proxy = make(tmp_path, "syslog = true\n")
+    client, _ = proxy.connect()
+    say(proxy, client, b"QUIT\r\n")
+    assert [json.loads(line)["event"] for _, line in sent] == ["session_open", "session_close"]
+    assert {priority for priority, _ in sent} == {syslog.LOG_INFO}
+
+
+@pytest.mark.parametrize(
+    ("settings", "key", "reason"),
+    [
+        ("", "hook[0].path", "exactly one"),
+        ('path = "a.jsonl"\nsyslog = true\n', "hook[0].path", "exactly one"),
+        ('path = "missing/a.jsonl"\n', "hook[0].path", "no such directory"),
+        ('path = "a.jsonl"\nrotate = "hourly"\n', "hook[0].rotate", "must be one of"),
+        ('path = "a.jsonl"\nheaders = "From"\n', "hook[0].headers", "must be an array"),
+    ],
+)
+def test_bad_settings(tmp_path: Path, settings: str, key: str, reason: str) -> None:
+    config = proxy_config(tmp_path, upstreams={"main": {"address": "127.0.0.1:1110", "tls": "none"}},
+                          extra='[[hook]]\nuse = "audit-log"\n' + settings)
+    with pytest.raises(ConfigError) as error:
+        build_hooks(config)
+    assert error.value.key == key and reason in error.value.reason
