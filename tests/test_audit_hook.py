@@ -24,12 +24,23 @@ MESSAGES = [
 PASSWORD = "Sekr1t-Passw0rd"
 
 
+OPEN: list[MemoryProxy] = []
+
+
+@pytest.fixture(autouse=True)
+def close_proxies() -> Any:
+    yield
+    while OPEN:
+        OPEN.pop().close()
+
+
 def make(tmp_path: Path, settings: str, message_hook: bool = False) -> MemoryProxy:
     extra = '[[hook]]\nuse = "audit-log"\n' + settings
     if message_hook:
         extra += '[[hook]]\nuse = "support.samplehooks:tagger"\nreservation = 32\n'
     config = proxy_config(tmp_path, upstreams={"main": {"address": "127.0.0.1:1110", "tls": "none"}}, extra=extra)
     proxy = MemoryProxy(config)
+    OPEN.append(proxy)
     proxy.upstreams["main"].add_user("alice", PASSWORD, MESSAGES)
     return proxy
 
