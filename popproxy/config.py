@@ -20,7 +20,7 @@ import re
 import string
 import tomllib
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
@@ -183,15 +183,28 @@ class RoutingConfig:
 
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
-    """Session timeouts in seconds (``[limits]``).
+    """Limits and timeouts (``[limits]``): every one has a safe default, documented in
+    ``conf/popproxy.toml``. Seconds are floats, counts are ints.
 
     RFC 1939 §3 requires a server's inactivity autologout timer to be at least 10 minutes, so the
     ``idle_timeout`` default is 600. Shorter values are accepted, for proxies whose clients are
     known, but they break the RFC's promise to slow clients.
     """
 
-    login_timeout: float = DEFAULT_LOGIN_TIMEOUT
-    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    login_timeout: float = DEFAULT_LOGIN_TIMEOUT  # connect to logged in
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # client silence in TRANSACTION
+    tls_handshake_timeout: float = 30.0  # a TLS handshake, either leg
+    upstream_timeout: float = 120.0  # an upstream answer that does not start or stalls
+    max_sessions: int = 1000  # at once, in all
+    max_sessions_per_ip: int = 20  # at once, per client address (IPv6: per /64)
+    max_sessions_per_user: int = 10  # logged-in sessions at once, per user
+    max_pipelined: int = 64  # commands a client may have waiting for answers
+    max_bad_commands: int = 10  # over-long, unknown or out-of-state commands before disconnect
+    max_login_failures: int = 3  # per connection, then disconnect
+    login_failure_delay: float = 1.0  # after the first failure; doubled for each further one
+    ip_table_size: int = 65536  # client addresses whose counters are kept (least recent dropped)
+    ip_allowlist: tuple[IPNetwork, ...] = ()  # exempt from per-address limits and penalties (NAT)
+    shutdown_grace: float = 30.0  # SIGTERM: seconds sessions get to finish
 
 
 class HookOptions:
@@ -367,7 +380,7 @@ def parse_config(text: str, path: Path) -> ProxyConfig:
     routing = _routing(
         _Table(root.take("routing", dict, {}), "routing", path, ("default", "users")), upstreams
     )
-    limits = _limits(_Table(root.take("limits", dict, {}), "limits", path, ("login_timeout", "idle_timeout")))
+    limits = _limits(_Table(root.take("limits", dict, {}), "limits", path, _LIMIT_KEYS))
     hooks = _hooks(root)
     return ProxyConfig(path, listeners, MappingProxyType(upstreams), routing, limits, hooks)
 
@@ -429,9 +442,9 @@ def _endpoint(t: _Table) -> str:
     return endpoint
 
 
-def _networks(t: _Table, name: str, default: tuple[str, ...]) -> tuple[IPNetwork, ...]:
+def _networks(t: _Table, name: str, default: tuple[str, ...], allow_empty: bool = False) -> tuple[IPNetwork, ...]:
     values = t.take(name, list, list(default))
-    if not values:
+    if not values and not allow_empty:
         raise t.error(name, "must not be empty: no load balancer could connect")
     networks = []
     for index, value in enumerate(values):
@@ -606,11 +619,25 @@ def _hooks(root: _Table) -> tuple[HookConfig, ...]:
     return tuple(hooks)
 
 
+_LIMIT_KEYS: Final = tuple(f.name for f in fields(LimitsConfig))
+
+
 def _limits(t: _Table) -> LimitsConfig:
-    return LimitsConfig(
-        login_timeout=_seconds(t, "login_timeout", DEFAULT_LOGIN_TIMEOUT),
-        idle_timeout=_seconds(t, "idle_timeout", DEFAULT_IDLE_TIMEOUT),
-    )
+    values: dict[str, Any] = {}
+    for spec in fields(LimitsConfig):
+        name, default = spec.name, spec.default
+        if name not in t.data:
+            continue
+        if name == "ip_allowlist":
+            values[name] = _networks(t, name, (), allow_empty=True)
+        elif isinstance(default, float):
+            values[name] = _seconds(t, name, default)
+        else:
+            value = t.take(name, int)
+            if value < 1:
+                raise t.error(name, f"must be a whole number of at least 1, not {value}")
+            values[name] = value
+    return LimitsConfig(**values)
 
 
 # --- typed access to one table -----------------------------------------------------------------------

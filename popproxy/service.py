@@ -16,6 +16,7 @@ from .listeners import listener_service
 from .protocol.client import SessionSettings
 from .protocol.connector import UpstreamConnector
 from .protocol.factory import ProxyFactory
+from .protocol.guard import Guard
 from .tls import ServerTLS
 
 log = Logger()
@@ -39,11 +40,12 @@ class ProxyService(MultiService):
         self.server_tls: dict[str, ServerTLS] = {}
         connector = connector or UpstreamConnector(reactor)
         self.hooks = build_hooks(config)
+        self.guard = Guard(config.limits, reactor)
         for listener in config.listeners:
             server_tls = ServerTLS.from_listener(listener, config.path) if listener.tls != "none" else None
             if server_tls is not None:
                 self.server_tls[listener.key] = server_tls
-            factory = ProxyFactory(SessionSettings(listener, config, server_tls, connector, reactor, self.hooks))
+            factory = ProxyFactory(SessionSettings(listener, config, server_tls, connector, reactor, self.hooks, self.guard))
             self.factories.append(factory)
             listener_service(reactor, listener, factory, server_tls).setServiceParent(self)
         expiry = TimerService(EXPIRY_CHECK_INTERVAL, self.warn_expiring_certificates)

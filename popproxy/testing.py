@@ -25,6 +25,7 @@ from .pop3.wire import CRLF, err, multiline, ok, parse_command, stuff_body
 from .protocol.client import ClientProtocol, SessionSettings
 from .protocol.connector import UpstreamConnector
 from .protocol.factory import ProxyFactory
+from .protocol.guard import Guard
 
 
 @dataclass
@@ -300,8 +301,10 @@ class MemoryProxy:
                 TCP4ServerEndpoint(self.clock, address.port, interface=address.host).listen(fake)
         self.connector = UpstreamConnector(self.clock, self._endpoint_for)
         self.hooks = build_hooks(config) if hooks is None else hooks
+        self.guard = Guard(config.limits, self.clock)
         self.factory = ProxyFactory(
-            SessionSettings(config.listeners[listener_index], config, server_tls, self.connector, self.clock, self.hooks)
+            SessionSettings(config.listeners[listener_index], config, server_tls, self.connector, self.clock,
+                            self.hooks, self.guard)
         )
         self.refuse: set[Address] = set()
 
@@ -338,6 +341,19 @@ class MemoryProxy:
                 moved = pump.pump() or moved
             if not moved:
                 return
+
+    def settle(self, horizon: float = 30.0) -> None:
+        """Pump, and let time pass through every timer due within ``horizon`` seconds of now
+        (login penalties, slow hooks), until nothing moves. Longer timers (login and idle
+        timeouts) are left alone: tests advance ``clock`` themselves for those."""
+        self.pump()
+        while True:
+            now = self.clock.seconds()
+            due = [call.getTime() for call in self.clock.getDelayedCalls() if call.getTime() - now < horizon]
+            if not due:
+                return
+            self.clock.advance(max(0.0, min(due) - now))
+            self.pump()
 
     def _complete_connections(self) -> bool:
         moved = False

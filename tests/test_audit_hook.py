@@ -47,7 +47,7 @@ def make(tmp_path: Path, settings: str, message_hook: bool = False) -> MemoryPro
 
 def say(proxy: MemoryProxy, client: RecordingClient, data: bytes) -> bytes:
     client.send(data)
-    proxy.pump()
+    proxy.settle()
     return client.take()
 
 

@@ -48,7 +48,7 @@ def tagger(**options: object) -> str:
 
 def say(proxy: MemoryProxy, client: RecordingClient, data: bytes) -> bytes:
     client.send(data)
-    proxy.pump()
+    proxy.settle()
     return client.take()
 
 

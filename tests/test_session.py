@@ -58,7 +58,7 @@ def make_proxy(tmp_path: Path, *, tls: str = "none", require_tls: bool = True, p
 
 def say(proxy: MemoryProxy, client: RecordingClient, data: bytes) -> bytes:
     client.send(data)
-    proxy.pump()
+    proxy.settle()
     return client.take()
 
 

@@ -42,6 +42,7 @@ from ..pop3.wire import (
 from ..tls import ServerTLS, tls_facts
 from .connector import UpstreamConnector
 from .flow import HoldProducer, PauseGate
+from .guard import Guard
 from .hooked import HookRuntime, TransactionHooks
 from .mailbox import MailboxView, parse_listing
 from .responses import AnswerQueue, CollectSink, FilteringSink, RelaySink, ResponseSink
@@ -69,8 +70,8 @@ _LOGIN_CODE_TEXT = {
     "SYS/PERM": "Mail server refused the login; do not retry.",
 }
 
-# Pipelined commands a client may have waiting for answers before the proxy stops reading more.
-MAX_OUTSTANDING = 64
+TOO_MANY_SESSIONS = err("Too many sessions, try again later.", "SYS/TEMP")
+USER_IN_USE = err("Too many sessions for this user.", "IN-USE")
 
 
 class State(enum.Enum):
@@ -92,6 +93,7 @@ class SessionSettings:
     connector: UpstreamConnector
     clock: IReactorTime
     hooks: tuple[BuiltHook, ...] = ()
+    guard: Guard | None = None
 
 
 class ClientProtocol(Protocol):
@@ -128,6 +130,13 @@ class ClientProtocol(Protocol):
         self._events = SessionEvents(settings.hooks)
         self._hooks: TransactionHooks | None = None
         self._waiting_command: tuple[Command, bytes] | None = None
+        self._limits = settings.config.limits
+        self._admitted_host: str | None = None  # counted by the guard under this address
+        self._counted_user: str | None = None  # counted by the guard as a logged-in session
+        self._bad_commands = 0
+        self._login_failures = 0
+        self._login_started = 0.0
+        self._tls_timer: IDelayedCall | None = None
 
     # -- log fields ---------------------------------------------------------------------------------
 
@@ -176,14 +185,47 @@ class ClientProtocol(Protocol):
         # arrives with the first data (TWISTED-NOTES gotcha 3): log the opening then.
         if not self.settings.listener.haproxy:
             self._log_opened()
-        self._start_timer(self.settings.config.limits.login_timeout, "login timeout")
+        self._start_timer(self._limits.login_timeout, "login timeout")
+        if self._tls_active:
+            self._start_tls_timer()
         # RFC 1939 §4: the greeting. No APOP timestamp (APOP is not offered) and no software name or
         # version (nothing to fingerprint).
-        self._write(ok("POP3 proxy ready."))
+        if self.settings.listener.haproxy or self._admit():
+            self._write(ok("POP3 proxy ready."))
+
+    def _admit(self) -> bool:
+        """Count this session against the global and per-address limits, or refuse it."""
+        guard = self.settings.guard
+        if guard is None or self._admitted_host is not None:
+            return True
+        host = str(self._fields()["peer_host"])
+        refusal = guard.admit(host)
+        if refusal is None:
+            self._admitted_host = host
+            return True
+        self.log.warn("session {session_id} refused: {refusal}", refusal=refusal, **self._fields())
+        self._write(TOO_MANY_SESSIONS)
+        self._close(refusal)
+        return False
+
+    def _start_tls_timer(self) -> None:
+        self._tls_timer = self.settings.clock.callLater(self._limits.tls_handshake_timeout, self._tls_timed_out)
+
+    def _tls_timed_out(self) -> None:
+        self._tls_timer = None
+        self.log.info("session {session_id}: TLS handshake timed out", **self._fields())
+        self._abort("TLS handshake timeout")
 
     def dataReceived(self, data: bytes) -> None:
         self._log_opened()
+        if self.settings.listener.haproxy and self._admitted_host is None and not self._closing:
+            # Behind the PROXY wrapper the real client address is known only now.
+            if not self._admit():
+                return
         if self._tls_active and not self._tls_reported:
+            if self._tls_timer is not None and self._tls_timer.active():
+                self._tls_timer.cancel()
+            self._tls_timer = None
             # Application data arrived over TLS, so the handshake is complete: record its facts now
             # (behind the PROXY wrapper no handshake callback arrives, TWISTED-NOTES gotcha 4).
             self._tls_reported = True
@@ -199,6 +241,14 @@ class ClientProtocol(Protocol):
         if self.state is State.TRANSACTION:
             self._forward_after_hangup()
         self._cancel_timer()
+        if self._tls_timer is not None and self._tls_timer.active():
+            self._tls_timer.cancel()
+        guard = self.settings.guard
+        if guard is not None:
+            if self._admitted_host is not None:
+                guard.left(self._admitted_host)
+            if self._counted_user is not None:
+                guard.user_left(self._counted_user)
         previous, self.state = self.state, State.CLOSED
         if self._login is not None:
             self._login.cancel()
@@ -330,12 +380,13 @@ class ClientProtocol(Protocol):
     def _process_lines(self) -> None:
         """Handle buffered command lines until one of them needs to wait (a login in flight, too
         many answers outstanding) or the buffer is empty."""
-        while self.state is not State.CLOSED and not self._reading.held:
+        while self.state is not State.CLOSED and not self._closing and not self._reading.held:
             line = self._lines.next_line()
             if line is None:
                 return
             if line is TOO_LONG:
                 self._answer(err("Command line too long."))
+                self._bad_command()
             elif self.state is State.SASL:
                 assert isinstance(line, bytes)
                 self._sasl_continuation(line)
@@ -398,6 +449,7 @@ class ClientProtocol(Protocol):
             self._close("quit")
         else:
             self._answer(err("Unknown command or not allowed before login."))
+            self._bad_command()
 
     def _stls(self) -> None:
         # RFC 2595 §4: STLS only in AUTHORIZATION state, only where offered, only once.
@@ -416,6 +468,7 @@ class ClientProtocol(Protocol):
             )
         self.transport.startTLS(self.settings.server_tls)
         self._tls_active = True
+        self._start_tls_timer()
         # RFC 2595 §4: forget what was learnt before TLS.
         self._user = None
 
@@ -467,18 +520,19 @@ class ClientProtocol(Protocol):
         try:
             credentials = sasl.decode_plain(response)
         except sasl.SaslError as error:
-            self._answer(err(f"Invalid SASL PLAIN response: {error}.", "AUTH"))
+            self._login_refused(err(f"Invalid SASL PLAIN response: {error}.", "AUTH"))
             return
         # RFC 4616 §2: an authorization identity other than the user's own would ask the upstream
         # to act for someone else, which the proxy cannot pass on with USER/PASS.
         if credentials.authzid not in (b"", credentials.authcid):
-            self._answer(err("Authorization identity not allowed.", "AUTH"))
+            self._login_refused(err("Authorization identity not allowed.", "AUTH"))
             return
         self._log_in(credentials.authcid, credentials.password)
 
     # -- logging in upstream ------------------------------------------------------------------------
 
     def _log_in(self, user_bytes: bytes, password: bytes) -> None:
+        self._login_started = self.settings.clock.seconds()
         if self._tls_active and not self._client_tls:
             # The handshake is over by now (a command arrived over TLS); read its facts while the
             # connection is certainly alive.
@@ -486,12 +540,12 @@ class ClientProtocol(Protocol):
         # No command injection upstream through credentials (nginx PR #1620 class): CR, LF and NUL
         # never appear in what we send. Line splitting already removed LF; SASL may carry any byte.
         if has_forbidden_bytes(user_bytes) or has_forbidden_bytes(password):
-            self._answer(err("Credentials contain forbidden characters.", "AUTH"))
+            self._login_refused(err("Credentials contain forbidden characters.", "AUTH"))
             return
         try:
             user = user_bytes.decode("utf-8")
         except UnicodeDecodeError:
-            self._answer(AUTH_FAILED)
+            self._login_refused(AUTH_FAILED)
             return
         config = self.settings.config
         route = config.routing.route(user)
@@ -505,7 +559,7 @@ class ClientProtocol(Protocol):
                 **self._fields(),
             )
             self._authenticated("refused", "AUTH", user)
-            self._answer(AUTH_FAILED)
+            self._login_refused(AUTH_FAILED)
             return
         upstream = config.upstreams[route]
         self.state = State.LOGGING_IN
@@ -518,6 +572,46 @@ class ClientProtocol(Protocol):
             log_fields={"session_id": self.session_id, "upstream": upstream.name},
         )
         self._login.addCallbacks(self._logged_in, self._login_failed, (user, upstream.name), None, (user, upstream.name))
+
+    def _bad_command(self) -> None:
+        """Count a command that could not be served; too many and the client is cut off."""
+        self._bad_commands += 1
+        if self._bad_commands >= self._limits.max_bad_commands:
+            self.log.info("session {session_id}: too many bad commands; disconnecting", **self._fields())
+            self._answer(err("Too many bad commands, goodbye."))
+            self._close("too many bad commands")
+
+    def _login_refused(self, answer: bytes) -> None:
+        """A failed login: the answer comes after an escalating delay counted from the login command,
+        the same for every kind of failure (so an unknown user and a wrong password look alike), and
+        after ``max_login_failures`` the connection is closed."""
+        self._login_failures += 1
+        host = str(self._fields()["peer_host"])
+        guard = self.settings.guard
+        delay = 0.0
+        if guard is not None:
+            guard.login_failed(host)
+            delay = guard.failure_delay(host, self._login_failures)
+        wait = max(0.0, self._login_started + delay - self.settings.clock.seconds())
+        last = self._login_failures >= self._limits.max_login_failures
+        if wait <= 0:
+            self._refuse_now(answer, last)
+            return
+        self._hold_reading("login penalty")
+        self.settings.clock.callLater(wait, self._refuse_after_delay, answer, last)
+
+    def _refuse_after_delay(self, answer: bytes, last: bool) -> None:
+        if self.state is State.CLOSED:
+            return
+        self._refuse_now(answer, last)
+        self._release_reading("login penalty")
+
+    def _refuse_now(self, answer: bytes, last: bool) -> None:
+        self._answer(answer)
+        if last:
+            self.log.info("session {session_id}: {count} failed logins; disconnecting",
+                          count=self._login_failures, **self._fields())
+            self._close("too many failed logins")
 
     def _authenticated(self, result: str, code: str | None, user: str | None = None,
                        upstream: str | None = None) -> None:
@@ -552,6 +646,16 @@ class ClientProtocol(Protocol):
         if self.state is State.CLOSED:
             upstream.abort()
             return
+        guard = self.settings.guard
+        if guard is not None:
+            if not guard.user_admit(user):
+                self.log.warn("session {session_id}: {user} has too many sessions; refused", user=user, **self._fields())
+                upstream.abort()  # no QUIT: nothing of this session may reach UPDATE state
+                self._authenticated("refused", "IN-USE", user, upstream_name)
+                self._answer(USER_IN_USE)
+                self._close("too many sessions for user")
+                return
+            self._counted_user = user
         self.state = State.TRANSACTION
         self._upstream = upstream
         self._upstream_name = upstream_name
@@ -614,8 +718,12 @@ class ClientProtocol(Protocol):
             **self._fields(),
         )
         self._authenticated(result, code, user, upstream_name)
-        self._answer(answer)
         self._release_reading("login")
+        if result == "refused":
+            self._login_refused(answer)
+        else:
+            # [SYS/TEMP]: the upstream is down; not the client's fault, not a failed login.
+            self._answer(answer)
 
     # -- TRANSACTION state (RFC 1939 §5), relayed ----------------------------------------------------
 
@@ -628,9 +736,11 @@ class ClientProtocol(Protocol):
             return
         if command.verb in (b"STLS", b"USER", b"PASS", b"AUTH", b"APOP"):
             self._answer(err("Not allowed after login."))
+            self._bad_command()
             return
         if not commands.is_relayable(command, capa.names(upstream.capabilities)):
             self._answer(err("Unknown command."))
+            self._bad_command()
             return
         if command.verb == b"QUIT":
             self._quit_sent = True
@@ -650,7 +760,7 @@ class ClientProtocol(Protocol):
         if isinstance(sink, RelaySink) and self._events:
             sink.label = (command.verb.decode("ascii", "replace"), command.rest.decode("utf-8", "replace"))
         upstream.request(to_send, sink, expects_body=commands.expects_body(command))
-        if len(self._answers) >= MAX_OUTSTANDING:
+        if len(self._answers) >= self._limits.max_pipelined:
             self._hold_reading("pipeline full")
 
     def sink_for(self, command: Command) -> ResponseSink:

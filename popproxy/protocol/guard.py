@@ -1,0 +1,157 @@
+"""Abuse resistance shared by all sessions: session counts and login-failure penalties.
+
+One ``Guard`` per running proxy. It counts sessions in all, per client address and per user, and
+remembers recent login failures per client address, so that a brute-force attempt spread over many
+connections still meets an escalating delay. Per-address state lives in a bounded LRU table (so a
+flood of addresses cannot exhaust memory), IPv6 addresses are grouped by /64 (one host owns a whole
+/64 and could otherwise rotate through it), and addresses in ``ip_allowlist`` (an office behind NAT)
+are exempt from per-address limits and penalties.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+
+from twisted.internet.interfaces import IReactorTime
+
+from ..config import LimitsConfig
+
+# A failure older than this no longer counts towards the address's penalty.
+FAILURE_MEMORY = 900.0
+# The longest a failed login is delayed.
+MAX_DELAY = 30.0
+
+
+def address_key(host: str) -> str | None:
+    """The key an address's counters are kept under: IPv4 as is, IPv6 by its /64, IPv4-mapped IPv6
+    as the IPv4 address; None for something that is not an IP address (a UNIX socket peer)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
+@dataclass
+class _Address:
+    sessions: int = 0
+    failures: int = 0
+    last_failure: float = 0.0
+
+
+class Guard:
+    """Counts and penalties for the whole proxy."""
+
+    def __init__(self, limits: LimitsConfig, clock: IReactorTime) -> None:
+        self._limits = limits
+        self._clock = clock
+        self._addresses: OrderedDict[str, _Address] = OrderedDict()
+        self.sessions = 0
+        self._users: Counter[str] = Counter()
+
+    def reconfigure(self, limits: LimitsConfig) -> None:
+        """New limits (a reload): counts and penalties carry over."""
+        self._limits = limits
+
+    # -- per-address table ---------------------------------------------------------------------------
+
+    def _exempt(self, host: str) -> bool:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return True
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self._limits.ip_allowlist)
+
+    def _entry(self, host: str) -> _Address | None:
+        key = address_key(host)
+        if key is None or self._exempt(host):
+            return None
+        entry = self._addresses.get(key)
+        if entry is None:
+            entry = self._addresses[key] = _Address()
+            self._evict()
+        else:
+            self._addresses.move_to_end(key)
+        return entry
+
+    def _evict(self) -> None:
+        """Drop the least recently seen addresses beyond the table's size, sparing those with live
+        sessions (whose count must stay right); they are few, being bounded by ``max_sessions``."""
+        excess = len(self._addresses) - self._limits.ip_table_size
+        if excess <= 0:
+            return
+        for key in list(self._addresses):
+            if excess <= 0:
+                break
+            if self._addresses[key].sessions == 0:
+                del self._addresses[key]
+                excess -= 1
+
+    def __len__(self) -> int:
+        return len(self._addresses)
+
+    # -- sessions ------------------------------------------------------------------------------------
+
+    def admit(self, host: str) -> str | None:
+        """Count a new session from ``host``; return why it must be refused instead, if it must."""
+        if self.sessions >= self._limits.max_sessions:
+            return "too many sessions"
+        entry = self._entry(host)
+        if entry is not None and entry.sessions >= self._limits.max_sessions_per_ip:
+            return "too many sessions from your address"
+        self.sessions += 1
+        if entry is not None:
+            entry.sessions += 1
+        return None
+
+    def left(self, host: str) -> None:
+        """An admitted session ended."""
+        self.sessions -= 1
+        key = address_key(host)
+        entry = self._addresses.get(key) if key is not None else None
+        if entry is not None and entry.sessions > 0:
+            entry.sessions -= 1
+
+    def user_admit(self, user: str) -> bool:
+        """Count a logged-in session of ``user``; False if the user has too many already."""
+        if self._users[user] >= self._limits.max_sessions_per_user:
+            return False
+        self._users[user] += 1
+        return True
+
+    def user_left(self, user: str) -> None:
+        self._users[user] -= 1
+        if self._users[user] <= 0:
+            del self._users[user]
+
+    # -- login failures ------------------------------------------------------------------------------
+
+    def login_failed(self, host: str) -> None:
+        entry = self._entry(host)
+        if entry is None:
+            return
+        now = self._clock.seconds()
+        if now - entry.last_failure > FAILURE_MEMORY:
+            entry.failures = 0
+        entry.failures += 1
+        entry.last_failure = now
+
+    def failure_delay(self, host: str, connection_failures: int) -> float:
+        """Seconds to wait before answering a failed login: doubling with the failures of this
+        connection or, if more, of this address in the last ``FAILURE_MEMORY`` seconds."""
+        count = connection_failures
+        key = address_key(host)
+        entry = self._addresses.get(key) if key is not None and not self._exempt(host) else None
+        if entry is not None and self._clock.seconds() - entry.last_failure <= FAILURE_MEMORY:
+            count = max(count, entry.failures)
+        if count <= 0:
+            return 0.0
+        return min(MAX_DELAY, self._limits.login_failure_delay * 2 ** (count - 1))
