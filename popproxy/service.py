@@ -38,7 +38,7 @@ class ProxyService(MultiService):
         self.reactor = reactor
         self.factories: list[ProxyFactory] = []
         self.server_tls: dict[str, ServerTLS] = {}
-        connector = connector or UpstreamConnector(reactor)
+        connector = connector or UpstreamConnector(reactor, response_timeout=config.limits.upstream_timeout)
         self.hooks = build_hooks(config)
         self.guard = Guard(config.limits, reactor)
         for listener in config.listeners:

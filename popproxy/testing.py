@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.protocol import Factory, Protocol
@@ -73,6 +74,8 @@ class FakePOP3Server(Protocol):
         command = parse_command(line)
         if command is None:
             self.transport.write(err("empty"))
+            return
+        if command.verb in self.factory.stall:
             return
         handler = getattr(self, "_" + command.verb.decode("ascii", "replace").lower(), None)
         if handler is None:
@@ -235,6 +238,7 @@ class FakePOP3Factory(Factory):
         greeting: bytes = b"+OK FakePOP3 ready <1.2@fake>\r\n",
         login_answer: bytes | None = None,
         cut_retr_after: int | None = None,
+        stall: frozenset[bytes] = frozenset(),
     ) -> None:
         self.mailboxes = mailboxes if mailboxes is not None else {}
         self.pipelining = pipelining
@@ -245,6 +249,8 @@ class FakePOP3Factory(Factory):
         self.greeting = greeting
         self.login_answer = login_answer
         self.cut_retr_after = cut_retr_after
+        #: commands (upper-case keywords) this upstream receives and never answers
+        self.stall = stall
         self.received: list[bytes] = []
         self.connections = 0
 
@@ -299,7 +305,7 @@ class MemoryProxy:
             self.upstreams[upstream.name] = fake
             for address in upstream.addresses:
                 TCP4ServerEndpoint(self.clock, address.port, interface=address.host).listen(fake)
-        self.connector = UpstreamConnector(self.clock, self._endpoint_for)
+        self.connector = UpstreamConnector(self.clock, self._endpoint_for, config.limits.upstream_timeout)
         self.hooks = build_hooks(config) if hooks is None else hooks
         self.guard = Guard(config.limits, self.clock)
         self.factory = ProxyFactory(
@@ -318,12 +324,15 @@ class MemoryProxy:
     def _endpoint_for(self, address: Address, upstream: UpstreamConfig) -> TCP4ClientEndpoint:
         return TCP4ClientEndpoint(self.clock, address.host, address.port, timeout=upstream.connect_timeout)
 
-    def connect(self) -> tuple[RecordingClient, ClientProtocol]:
-        session = self.factory.buildProtocol(None)
+    def connect(self, peer: str = "192.0.2.1", port: int = 50000) -> tuple[RecordingClient, ClientProtocol]:
+        """A client session from ``peer`` (an IPv4 or IPv6 address), connected and greeted."""
+        kind = IPv6Address if ":" in peer else IPv4Address
+        address = kind("TCP", peer, port)
+        session = self.factory.buildProtocol(address)
         client = RecordingClient()
         pump = iosim.connect(
             session,
-            iosim.makeFakeServer(session),
+            iosim.FakeTransport(session, isServer=True, peerAddress=address),
             client,
             iosim.makeFakeClient(client),
             greet=False,

@@ -12,7 +12,6 @@ proxy answer ``-ERR [SYS/TEMP]`` so that the client leaves the message on the se
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,8 +31,6 @@ _PAD_NAME = b"X-Popproxy-Pad: "
 _PAD_LINE = 76  # characters of filler per line: lines stay well under RFC 5322's 78
 #: The shortest filler header: name, one character, CRLF.
 FILLER_MIN = len(_PAD_NAME) + 1 + len(CRLF)
-
-_BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
 class HookFailure(Exception):
@@ -108,10 +105,10 @@ def _check(result: Any, before: bytes, allowed: int, name: str) -> bytes:
     if not isinstance(result, (bytes, bytearray, memoryview)):
         raise HookFailure(f"returned {type(result).__name__}, not bytes")
     result = bytes(result)
-    if result != before:
-        result = _BARE_LF.sub(CRLF, result)
-        if not result.endswith(CRLF):
-            result += CRLF
+    # POP3 needs the message to end with CRLF (RFC 1939 §3). Bare LFs elsewhere are left alone: they
+    # may be the untouched bytes of a binary part, and they cannot forge a terminator.
+    if result and not result.endswith(CRLF):
+        result += CRLF
     if len(result) > len(before) + allowed:
         raise HookFailure(f"grew the message by {len(result) - len(before)} octets, more than its reservation of {allowed}")
     return result

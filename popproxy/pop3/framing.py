@@ -158,6 +158,10 @@ class ResponseReader:
         return pending
 
     @property
+    def paused(self) -> bool:
+        return self._paused
+
+    @property
     def in_body(self) -> bool:
         return self._body is not None
 

@@ -683,6 +683,7 @@ class ClientProtocol(Protocol):
         # upstream that reads slowly pauses reading from the client.
         upstream_reading = PauseGate()
         upstream_reading.attach(upstream.transport)
+        upstream.reading_gate = upstream_reading
         self.transport.registerProducer(
             HoldProducer(upstream_reading.hold, upstream_reading.release, "client busy"), True
         )

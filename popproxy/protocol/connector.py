@@ -37,9 +37,11 @@ class UpstreamConnector:
     :param endpoint_for: builds the client endpoint for one address; tests pass an in-memory one.
     """
 
-    def __init__(self, reactor: IReactorTime, endpoint_for: EndpointFactory | None = None) -> None:
+    def __init__(self, reactor: IReactorTime, endpoint_for: EndpointFactory | None = None,
+                 response_timeout: float = 120.0) -> None:
         self._reactor = reactor
         self._endpoint_for = endpoint_for or self._default_endpoint
+        self.response_timeout = response_timeout
 
     def _default_endpoint(self, address: Address, upstream: UpstreamConfig) -> IStreamClientEndpoint:
         reactor: IReactorTCP = self._reactor  # type: ignore[assignment]
@@ -111,6 +113,8 @@ class UpstreamConnector:
             protocol = UpstreamProtocol(
                 tls=client_tls(upstream) if upstream.tls == "starttls" else None,
                 log_fields=log_fields,
+                clock=self._reactor,
+                response_timeout=self.response_timeout,
             )
             attempt = self._endpoint_for(address, upstream).connect(_Quiet.forProtocol(lambda: protocol))
             attempt.addTimeout(upstream.connect_timeout, self._reactor)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IOpenSSLClientConnectionCreator, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -23,6 +23,7 @@ from ..pop3 import capa
 from ..pop3.framing import ResponseReader
 from ..pop3.wire import CRLF, is_ok, response_code
 from ..tls import tls_facts
+from .flow import PauseGate
 from .responses import CollectSink, ResponseSink
 
 # RFC 1939 §3 caps a status line at 512 octets; leave room for servers that exceed it a little.
@@ -75,8 +76,15 @@ class UpstreamProtocol(Protocol):
         tls: IOpenSSLClientConnectionCreator | None = None,
         on_lost: Callable[[Failure], None] | None = None,
         log_fields: dict[str, object] | None = None,
+        clock: IReactorTime | None = None,
+        response_timeout: float = 120.0,
     ) -> None:
         self._tls = tls
+        self._clock = clock
+        self._response_timeout = response_timeout
+        self._watchdog: IDelayedCall | None = None
+        #: set by the session: the gate that holds reading back while the client is slow
+        self.reading_gate: PauseGate | None = None
         self.on_lost = on_lost
         self._log_fields = log_fields or {}
         self._reader = ResponseReader(self, MAX_STATUS_LINE)
@@ -102,6 +110,7 @@ class UpstreamProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.bytes_in += len(data)
         self._reader.feed(data)
+        self._rearm()
 
     def handshakeCompleted(self) -> None:
         # Twisted calls this even when certificate verification failed and the connection is being
@@ -117,6 +126,7 @@ class UpstreamProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closed = True
+        self._disarm()
         requests = list(self._inflight) + list(self._waiting)
         self._inflight.clear()
         self._waiting.clear()
@@ -145,6 +155,8 @@ class UpstreamProtocol(Protocol):
         self._inflight.append(request)
         self.bytes_out += len(request.line)
         self.transport.write(request.line)
+        if self._watchdog is None:
+            self._rearm()
 
     @property
     def idle(self) -> bool:
@@ -184,7 +196,36 @@ class UpstreamProtocol(Protocol):
         request = self._inflight.popleft()
         if self._waiting and not self._inflight:
             self._send(self._waiting.popleft())
+        if not self._inflight:
+            self._disarm()
         request.sink.end()
+
+    # -- the upstream response watchdog --------------------------------------------------------------
+
+    def _rearm(self) -> None:
+        """(Re)start the clock on the upstream's answer: it must start, and keep coming, within
+        ``response_timeout`` seconds while something is asked."""
+        self._disarm()
+        if self._clock is not None and self._inflight and not self.closed:
+            self._watchdog = self._clock.callLater(self._response_timeout, self._silent)
+
+    def _disarm(self) -> None:
+        if self._watchdog is not None and self._watchdog.active():
+            self._watchdog.cancel()
+        self._watchdog = None
+
+    def _silent(self) -> None:
+        self._watchdog = None
+        if self._reader.paused or (self.reading_gate is not None and self.reading_gate.held):
+            # The proxy is not reading (a slow client, a hook at work): the silence is ours.
+            self._rearm()
+            return
+        self.log.warn(
+            "upstream sent nothing for {seconds}s while an answer was due; closing",
+            seconds=self._response_timeout,
+            **self._log_fields,
+        )
+        self.transport.abortConnection()
 
     def pause_reading(self) -> None:
         """Stop handing answers on (a sink that needs time) until ``resume_reading``."""
