@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import signal
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from .config import ProxyConfig
-from .hooks.registry import build_hooks
+from .config import ConfigError, ProxyConfig
+from .hooks.registry import BuiltHook, build_hooks
 from .listeners import listener_service
 from .protocol.client import SessionSettings
 from .protocol.connector import UpstreamConnector
@@ -32,13 +34,20 @@ class ProxyService(MultiService):
     :param connector: how sessions reach upstreams; tests pass one with in-memory endpoints.
     """
 
-    def __init__(self, config: ProxyConfig, reactor: IReactorTime, connector: UpstreamConnector | None = None) -> None:
+    #: install a SIGHUP handler (twistd); tests that build services in-process turn it off
+    handle_signals = True
+    _previous_hup: object = None
+
+    def __init__(self, config: ProxyConfig, reactor: IReactorTime, connector: UpstreamConnector | None = None,
+                 *, handle_signals: bool = True) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
+        self.handle_signals = handle_signals
         self.factories: list[ProxyFactory] = []
         self.server_tls: dict[str, ServerTLS] = {}
         connector = connector or UpstreamConnector(reactor, response_timeout=config.limits.upstream_timeout)
+        self.connector = connector
         self.hooks = build_hooks(config)
         self.guard = Guard(config.limits, reactor)
         for listener in config.listeners:
@@ -74,19 +83,88 @@ class ProxyService(MultiService):
             count=len(self.config.listeners),
             config=str(self.config.path),
         )
+        if self.handle_signals:
+            # twistd installs no SIGHUP handler. Signal handlers run between bytecodes: hop onto the
+            # reactor before touching anything (TWISTED-NOTES §10).
+            self._previous_hup = signal.signal(
+                signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload)  # type: ignore[attr-defined]
+            )
+
+    # -- SIGHUP ---------------------------------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Re-read the configuration: new certificates, routing, limits and hooks for new sessions;
+        live sessions keep what they started with. A configuration that does not validate changes
+        nothing and is logged. Listener addresses cannot change without a restart."""
+        from .tap import validated_config  # the same checks as at start
+
+        try:
+            config = validated_config(str(self.config.path))
+            hooks = build_hooks(config)
+            server_tls = {
+                listener.key: ServerTLS.from_listener(listener, config.path)
+                for listener in config.listeners
+                if listener.tls != "none"
+            }
+        except ConfigError as error:
+            log.error("reload refused, keeping the running configuration: {error}", error=str(error), event="reload_failed")
+            return False
+        old = [(listener.key, listener.endpoint, listener.tls) for listener in self.config.listeners]
+        new = [(listener.key, listener.endpoint, listener.tls) for listener in config.listeners]
+        if old != new:
+            log.warn("reload: listener changes take effect only after a restart; other changes applied")
+        retired = self.hooks
+        self.config, self.hooks = config, hooks
+        self.guard.reconfigure(config.limits)
+        self.connector.response_timeout = config.limits.upstream_timeout
+        live: list[Deferred[None]] = []
+        for factory in self.factories:
+            key = factory.settings.listener.key
+            listener = next((item for item in config.listeners if item.key == key), factory.settings.listener)
+            current_tls = self.server_tls.get(key)
+            if current_tls is not None and key in server_tls:
+                current_tls.reload(server_tls[key])  # new handshakes only
+            factory.settings = dataclasses.replace(
+                factory.settings, listener=listener, config=config, hooks=hooks, guard=self.guard
+            )
+            live.extend(session.when_closed() for session in factory.sessions)
+        # The old hooks serve the sessions that started with them: close them when those are over.
+        gatherResults(live).addCallback(lambda _: _close_hooks(retired))
+        log.info("configuration reloaded from {config}", config=str(config.path), event="reloaded")
+        return True
+
+    # -- SIGTERM --------------------------------------------------------------------------------------
 
     def stopService(self) -> Deferred[None]:
-        """Stop listening, then end the live sessions without QUIT upstream, so that nothing is deleted
-        that a client did not ask to delete."""
+        """Stop listening at once; let sessions finish for ``shutdown_grace`` seconds (in-flight
+        commands complete, new ones other than QUIT get -ERR [SYS/TEMP]); then close the rest
+        without QUIT upstream, so that nothing is deleted that a client did not ask to delete."""
+        if self.handle_signals and self._previous_hup is not None:
+            signal.signal(signal.SIGHUP, self._previous_hup)
         stopped: Deferred[None] = super().stopService()  # type: ignore[assignment]
-        for factory in self.factories:
-            for session in list(factory.sessions):
+        sessions = [session for factory in self.factories for session in factory.sessions]
+        if sessions:
+            log.info("stopping: {count} session(s) get {grace}s to finish", count=len(sessions),
+                     grace=self.config.limits.shutdown_grace)
+        for session in sessions:
+            session.start_draining()
+        drained = gatherResults([session.when_closed() for session in sessions])
+        drained.addTimeout(self.config.limits.shutdown_grace, self.reactor)
+
+        def force(_: object) -> None:
+            for session in [session for factory in self.factories for session in factory.sessions]:
                 session.shut_down()
-        for built in self.hooks:
-            close = getattr(built.hook, "close", None)
-            if close is not None:
-                try:
-                    close()
-                except Exception:
-                    log.failure("hook {hook} failed to close", hook=built.config.name)
-        return stopped
+
+        drained.addErrback(force)
+        drained.addCallback(lambda _: _close_hooks(self.hooks))
+        return gatherResults([stopped, drained]).addCallback(lambda _: None)
+
+
+def _close_hooks(hooks: tuple[BuiltHook, ...]) -> None:
+    for built in hooks:
+        close = getattr(built.hook, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:
+                log.failure("hook {hook} failed to close", hook=built.config.name)

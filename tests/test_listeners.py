@@ -58,6 +58,7 @@ def test_proxy_protocol_unix_and_peer_filter(tmp_path: Path, dovecot: DovecotSer
         assert tls.answer().startswith(b"+OK")
         assert tls.command(b"NOOP") == b"+OK\r\n"
         tls.command(b"QUIT")
+        tls.close()
 
         # A peer outside proxy_from is refused before a byte is read.
         refused = socket.create_connection(("127.0.0.1", filtered), timeout=10)

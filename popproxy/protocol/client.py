@@ -72,6 +72,12 @@ _LOGIN_CODE_TEXT = {
 
 TOO_MANY_SESSIONS = err("Too many sessions, try again later.", "SYS/TEMP")
 USER_IN_USE = err("Too many sessions for this user.", "IN-USE")
+# Octets of unhandled client input kept while commands wait (a login in flight, a full pipeline)
+# before the proxy stops reading the socket.
+MAX_BUFFERED = 65536
+# Seconds a closing connection may take to finish (TLS close_notify) before it is cut.
+CLOSE_TIMEOUT = 5.0
+SHUTTING_DOWN = err("Server shutting down, try again later.", "SYS/TEMP")
 
 
 class State(enum.Enum):
@@ -113,7 +119,8 @@ class ClientProtocol(Protocol):
         self._upstream_name: str | None = None
         self._login: Deferred[UpstreamProtocol] | None = None
         self._answers = AnswerQueue(self._write, self._answers_idle, self._answer_finished)
-        self._reading = PauseGate()
+        self._reading = PauseGate()  # transport pauses: back-pressure, a full buffer
+        self._holds: set[str] = set()  # reasons not to handle buffered commands yet
         self._quit_sent = False
         self._timer: IDelayedCall | None = None
         self._started = settings.clock.seconds()
@@ -137,6 +144,8 @@ class ClientProtocol(Protocol):
         self._login_failures = 0
         self._login_started = 0.0
         self._tls_timer: IDelayedCall | None = None
+        self._draining = False
+        self._quit_after_login: list[Command] | None = None
 
     # -- log fields ---------------------------------------------------------------------------------
 
@@ -235,11 +244,16 @@ class ClientProtocol(Protocol):
         self._bytes_in += len(data)
         self._lines.feed(data)
         self._process_lines()
+        self._check_buffer()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._hung_up = True
-        if self.state is State.TRANSACTION:
-            self._forward_after_hangup()
+        previous = self.state
+        pending = self._pending_until_quit()
+        if previous is State.TRANSACTION and pending is not None and self._upstream is not None:
+            self._forward_after_hangup(self._upstream, pending)
+        # A login in flight with a QUIT queued behind it is allowed to finish, to deliver that QUIT.
+        self._quit_after_login = pending if previous is State.LOGGING_IN else None
         self._cancel_timer()
         if self._tls_timer is not None and self._tls_timer.active():
             self._tls_timer.cancel()
@@ -249,8 +263,8 @@ class ClientProtocol(Protocol):
                 guard.left(self._admitted_host)
             if self._counted_user is not None:
                 guard.user_left(self._counted_user)
-        previous, self.state = self.state, State.CLOSED
-        if self._login is not None:
+        self.state = State.CLOSED
+        if self._login is not None and self._quit_after_login is None:
             self._login.cancel()
         upstream = self._upstream
         if upstream is not None and not upstream.closed:
@@ -270,30 +284,60 @@ class ClientProtocol(Protocol):
             waiter.callback(None)
         self._on_closed(self)
 
-    def _forward_after_hangup(self) -> None:
-        """Relay what the client sent before it hung up, if that includes QUIT.
+    def _pending_until_quit(self) -> list[Command] | None:
+        """The buffered commands up to and including a QUIT, or None if the client sent no QUIT."""
+        pending: list[Command] = []
+        while (line := self._lines.next_line()) is not None:
+            command = parse_command(line) if isinstance(line, bytes) and not has_forbidden_bytes(line) else None
+            if command is None:
+                continue
+            pending.append(command)
+            if command.verb == b"QUIT":
+                return pending
+        return None
+
+    def _forward_after_hangup(self, upstream: UpstreamProtocol, pending: list[Command]) -> None:
+        """Relay what the client sent before it hung up, through its QUIT.
 
         A client may send ``DELE 1`` and ``QUIT`` and close at once; its QUIT must still reach the
-        upstream (RFC 1939 §6), together with the commands before it, even though nobody will read
-        the answers. Without a QUIT nothing is forwarded: the session simply ends with no UPDATE.
+        upstream (RFC 1939 §6), with the commands before it, though nobody will read the answers.
+        One exception keeps mail safe: a ``DELE`` of a message whose RETR or TOP the client could not
+        have received (it was in the same unanswered batch, still with the hooks, or refused by
+        them) is not forwarded.
         """
-        pending: list[bytes] = []
-        while (line := self._lines.next_line()) is not None:
-            if isinstance(line, bytes):
-                pending.append(line)
-        verbs = [command.verb for line in pending if (command := parse_command(line)) is not None]
-        if b"QUIT" not in verbs:
-            return
-        for line in pending:
-            command = parse_command(line)
-            if command is not None:
-                self._transaction(command, line)
-            if self._quit_sent:
-                break
+        unsure: set[bytes] = {c.args[0] for c in pending if c.verb in (b"RETR", b"TOP") and c.args}
+        hooks = self._hooks
+        if hooks is not None:
+            unsure |= {str(n).encode() for n in hooks.in_flight}
+            if hooks.runtime.mailbox is not None:
+                unsure |= {str(n).encode() for n in hooks.runtime.mailbox.refused}
+        capabilities = capa.names(upstream.capabilities)
+        for command in pending:
+            if command.verb == b"DELE" and command.args and command.args[0] in unsure:
+                self.log.info("session {session_id}: client hung up; DELE {number} not forwarded, the "
+                              "client cannot have the message", number=command.args[0].decode("ascii", "replace"),
+                              **self._fields())
+                continue
+            if not commands.is_relayable(command, capabilities):
+                continue
+            quit_sink = command.verb == b"QUIT"
+            upstream.request(command.to_line(), _Discard(upstream if quit_sink else None),
+                             expects_body=commands.expects_body(command))
+        self._quit_sent = True
+        self._end_reason = "quit after hang-up"
 
     def shut_down(self) -> None:
         """End the session now (the proxy is stopping): no QUIT upstream unless the client sent one."""
         self._abort("shutdown")
+
+    def start_draining(self) -> None:
+        """The proxy is stopping. A session that is not logged in ends now (it holds nothing); a
+        logged-in one finishes what it is doing and may still QUIT, but new commands get
+        ``-ERR [SYS/TEMP]``."""
+        self._draining = True
+        if self.state in (State.AUTHORIZATION, State.SASL):
+            self._write(SHUTTING_DOWN)
+            self._close("shutdown")
 
     def when_closed(self) -> Deferred[None]:
         """A fresh Deferred that fires when the session is over (one per caller)."""
@@ -340,10 +384,17 @@ class ClientProtocol(Protocol):
             self.transport.write(data)
 
     def _close(self, reason: str) -> None:
+        """Close after what was written has gone out. Over TLS that waits for the client's
+        close_notify, which a client may never send: after ``CLOSE_TIMEOUT`` the connection is cut."""
         if not self._closing:
             self._closing = True
             self._end_reason = reason
             self.transport.loseConnection()
+            self.settings.clock.callLater(CLOSE_TIMEOUT, self._close_timed_out)
+
+    def _close_timed_out(self) -> None:
+        if not self._hung_up:
+            self.transport.abortConnection()
 
     def _abort(self, reason: str) -> None:
         """Close at once, dropping anything not yet written (a graceful close may be under way)."""
@@ -380,7 +431,7 @@ class ClientProtocol(Protocol):
     def _process_lines(self) -> None:
         """Handle buffered command lines until one of them needs to wait (a login in flight, too
         many answers outstanding) or the buffer is empty."""
-        while self.state is not State.CLOSED and not self._closing and not self._reading.held:
+        while self.state is not State.CLOSED and not self._closing and not self._holds:
             line = self._lines.next_line()
             if line is None:
                 return
@@ -395,12 +446,25 @@ class ClientProtocol(Protocol):
                 self._command_line(line)
 
     def _hold_reading(self, reason: str) -> None:
-        self._reading.hold(reason)
+        """Stop handling the client's commands for ``reason`` (they stay buffered).
+
+        The socket itself keeps being read, so that a client that hangs up is noticed at once, until
+        the buffer passes ``MAX_BUFFERED``; only then is the transport paused.
+        """
+        self._holds.add(reason)
+        self._check_buffer()
+
+    def _check_buffer(self) -> None:
+        if self._holds and len(self._lines) > MAX_BUFFERED:
+            self._reading.hold("buffer full")
+        elif len(self._lines) <= MAX_BUFFERED:
+            self._reading.release("buffer full")
 
     def _release_reading(self, reason: str) -> None:
-        self._reading.release(reason)
-        if not self._reading.held:
+        self._holds.discard(reason)
+        if not self._holds:
             self._process_lines()
+        self._check_buffer()
 
     def _answer(self, data: bytes) -> None:
         """A local answer, in order with any relayed answers still outstanding."""
@@ -622,7 +686,10 @@ class ClientProtocol(Protocol):
     def _logged_in(self, upstream: UpstreamProtocol, user: str, upstream_name: str) -> None:
         self._login = None
         if self.state is State.CLOSED:
-            upstream.abort()
+            if self._quit_after_login is not None:
+                self._forward_after_hangup(upstream, self._quit_after_login)
+            else:
+                upstream.abort()
             return
         message_hooks = [h for h in self.settings.hooks if h.is_message_hook and h.config.applies_to(user)]
         wants_uidls = any(getattr(h.hook, "wants_uidls", False) for h in self.settings.hooks
@@ -645,6 +712,11 @@ class ClientProtocol(Protocol):
                            mailbox: MailboxView | None) -> None:
         if self.state is State.CLOSED:
             upstream.abort()
+            return
+        if self._draining:
+            upstream.abort()
+            self._answer(SHUTTING_DOWN)
+            self._close("shutdown")
             return
         guard = self.settings.guard
         if guard is not None:
@@ -688,7 +760,7 @@ class ClientProtocol(Protocol):
             HoldProducer(upstream_reading.hold, upstream_reading.release, "client busy"), True
         )
         upstream.transport.registerProducer(
-            HoldProducer(self._hold_reading, self._release_reading, "upstream busy"), True
+            HoldProducer(self._reading.hold, self._reading.release, "upstream busy"), True
         )
         self._start_timer(self.settings.config.limits.idle_timeout, "idle timeout")
         self._authenticated("ok", None)
@@ -734,6 +806,9 @@ class ClientProtocol(Protocol):
         self._start_timer(self.settings.config.limits.idle_timeout, "idle timeout")
         if has_forbidden_bytes(line):
             self._answer(err("Command contains forbidden characters."))
+            return
+        if self._draining and command.verb != b"QUIT":
+            self._answer(SHUTTING_DOWN)
             return
         if command.verb in (b"STLS", b"USER", b"PASS", b"AUTH", b"APOP"):
             self._answer(err("Not allowed after login."))
@@ -792,7 +867,7 @@ class ClientProtocol(Protocol):
     def _answers_idle(self) -> None:
         waiting, self._waiting_command = self._waiting_command, None
         if waiting is not None:
-            self._reading.release("verdict pending")
+            self._holds.discard("verdict pending")
             self._transaction(*waiting)
         self._release_reading("pipeline full")
 
@@ -818,6 +893,27 @@ class ClientProtocol(Protocol):
                 **self._fields(),
             )
         self._close("upstream closed")
+
+
+class _Discard:
+    """The sink of a command relayed after the client hung up: nobody reads the answer. For QUIT,
+    the upstream connection is closed once its answer is in."""
+
+    def __init__(self, close: UpstreamProtocol | None = None) -> None:
+        self._close = close
+
+    def status(self, line: bytes, has_body: bool) -> None:
+        pass
+
+    def body(self, data: bytes) -> None:
+        pass
+
+    def end(self) -> None:
+        if self._close is not None:
+            self._close.transport.loseConnection()
+
+    def failed(self, reason: Failure) -> None:
+        pass
 
 
 class _QuitSink(RelaySink):

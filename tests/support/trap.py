@@ -33,12 +33,15 @@ class TrapServer:
 
     def _talk(self, conn: socket.socket) -> None:
         with conn:
-            conn.sendall(b"+OK trap ready\r\n")
-            while data := conn.recv(65536):
-                with self._lock:
-                    self.received += data
-                for _ in range(data.count(b"\n")):
-                    conn.sendall(b"+OK\r\n")
+            try:
+                conn.sendall(b"+OK trap ready\r\n")
+                while data := conn.recv(65536):
+                    with self._lock:
+                        self.received += data
+                    for _ in range(data.count(b"\n")):
+                        conn.sendall(b"+OK\r\n")
+            except OSError:  # the proxy aborted the connection (RST): that is allowed
+                pass
 
     def close(self) -> None:
         self._listener.close()
