@@ -1,0 +1,123 @@
+"""Process helpers for the benchmark: CPU time of a process tree, waiting for ports, clean stops.
+
+Everything here reads ``/proc`` (Linux only). CPU time is ``utime + stime`` of every live process in a
+tree plus ``cutime + cstime`` of each of them (the children they have already reaped), so that
+fork-per-connection servers (perdition) are charged for the connections that ended.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name is in parentheses and may contain spaces; fields resume after the last ')'.
+    return text.rsplit(")", 1)[1].split()
+
+
+def parent_of(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[1]) if fields else None
+
+
+def descendants(root: int) -> list[int]:
+    """Live descendants of ``root`` (children, grandchildren, ...), by their parent links."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            parent = parent_of(int(entry))
+            if parent is not None:
+                children.setdefault(parent, []).append(int(entry))
+    found: list[int] = []
+    frontier = [root]
+    while frontier:
+        nxt = [c for p in frontier for c in children.get(p, [])]
+        found += nxt
+        frontier = nxt
+    return found
+
+
+def tree_cpu_seconds(roots: list[int]) -> float:
+    """CPU seconds used so far by ``roots`` and everything below them (reaped children included)."""
+    ticks = 0
+    seen: set[int] = set()
+    for root in roots:
+        for pid in [root, *descendants(root)]:
+            if pid in seen:
+                continue
+            seen.add(pid)
+            fields = _stat_fields(pid)
+            if fields is None:
+                continue
+            # After the ')' : state(0) ppid(1) ... utime(11) stime(12) cutime(13) cstime(14)
+            ticks += sum(int(fields[i]) for i in (11, 12, 13, 14))
+    return ticks / CLOCK_TICKS
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for children: SIGTERM them if the benchmark dies (PR_SET_PDEATHSIG)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM, 0, 0, 0)
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes] | None, timeout: float = 20.0, log: Path | None = None) -> None:
+    """Return once something accepts TCP connections on 127.0.0.1:``port``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process is not None and process.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+            raise RuntimeError(f"exited with status {process.returncode} before listening on {port}\n{tail}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listened on 127.0.0.1:{port} within {timeout} s") from None
+            time.sleep(0.05)
+
+
+def stop_tree(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+    """Stop ``process`` and whatever it started: signal it, wait, then kill descendants still alive."""
+    tree = descendants(process.pid)
+    if process.poll() is None:
+        try:
+            process.send_signal(sig)
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    deadline = time.monotonic() + timeout
+    while tree and time.monotonic() < deadline:
+        tree = [pid for pid in tree if Path(f"/proc/{pid}").exists() and _stat_fields(pid) and _stat_fields(pid)[0] != "Z"]
+        if tree:
+            time.sleep(0.05)
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,294 @@
+"""The client side: a small raw-socket POP3 client and one function per workload.
+
+The client behaves like fetchmail: one command, then wait for its whole answer (no pipelining), and
+no TCP_NODELAY of its own. Every message is checked: the SHA-256 of the body exactly as it came off
+the wire (dot-stuffed, terminator included) must equal the expected one, which is computed from the
+generated mailbox and which direct Dovecot must reproduce too. A path that is fast but returns other
+bytes is reported as wrong, never as fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import ssl
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+CRLF = b"\r\n"
+TERMINATOR = b"\r\n.\r\n"
+RECV_SIZE = 256 * 1024
+
+
+class POP3Error(Exception):
+    pass
+
+
+class Client:
+    """One POP3 session over a plain or TLS socket, reading exact bytes."""
+
+    def __init__(self, port: int, context: ssl.SSLContext | None, timeout: float = 60.0) -> None:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock: socket.socket = context.wrap_socket(raw, server_hostname="localhost") if context else raw
+        self._buf = bytearray()
+        greeting = self.line()
+        if not greeting.startswith(b"+OK"):
+            raise POP3Error(f"greeting {greeting!r}")
+
+    @property
+    def tls_version(self) -> str:
+        return (self.sock.version() or "") if isinstance(self.sock, ssl.SSLSocket) else ""
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(RECV_SIZE)
+        if not chunk:
+            raise POP3Error("connection closed by the server")
+        self._buf += chunk
+
+    def line(self) -> bytes:
+        while True:
+            end = self._buf.find(CRLF)
+            if end != -1:
+                line = bytes(self._buf[: end + 2])
+                del self._buf[: end + 2]
+                return line
+            self._fill()
+
+    def command(self, line: bytes) -> bytes:
+        self.sock.sendall(line + CRLF)
+        return self.line()
+
+    def body(self) -> bytes:
+        """The multi-line body after a +OK status line, as on the wire, terminator included."""
+        buf = self._buf
+        scanned = 0
+        while True:
+            if buf[:3] == b".\r\n":  # an empty body: the status line's CRLF starts the terminator
+                end = 3
+                break
+            found = buf.find(TERMINATOR, max(0, scanned - 4))
+            if found != -1:
+                end = found + 5
+                break
+            scanned = len(buf)
+            self._fill()
+        data = bytes(buf[:end])
+        del buf[:end]
+        return data
+
+    def login(self, user: str, password: str) -> None:
+        for line in (b"USER " + user.encode(), b"PASS " + password.encode()):
+            answer = self.command(line)
+            if not answer.startswith(b"+OK"):
+                raise POP3Error(f"{line.split()[0].decode()} -> {answer!r}")
+
+    def retr(self, number: int) -> bytes:
+        status = self.command(b"RETR %d" % number)
+        if not status.startswith(b"+OK"):
+            raise POP3Error(f"RETR {number} -> {status!r}")
+        return self.body()
+
+    def quit(self) -> None:
+        try:
+            self.command(b"QUIT")
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def wire_sha256(message: bytes) -> str:
+    """SHA-256 of the RETR body a correct server sends for ``message`` (RFC 1939 §3 dot-stuffing)."""
+    lines = message[:-2].split(CRLF) if message else []
+    stuffed = b"".join((b"." + line if line.startswith(b".") else line) + CRLF for line in lines)
+    return hashlib.sha256(stuffed + b"." + CRLF).hexdigest()
+
+
+@dataclass
+class Account:
+    user: str
+    password: str
+    expected: list[str]  # wire_sha256 of message 1, 2, ...
+    stat: bytes = b""  # the expected STAT answer
+
+
+@dataclass
+class Outcome:
+    """What one workload did on one path. ``value`` is in the workload's unit (None if it failed)."""
+
+    value: float | None = None
+    done: int = 0  # messages or sessions completed
+    planned: int = 0
+    seconds: float = 0.0
+    nbytes: int = 0
+    wrong: int = 0  # messages or STAT answers that differed from the expected bytes
+    capped: bool = False  # stopped at the time limit before ``planned`` was reached
+    error: str | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class Deadline:
+    def __init__(self, seconds: float) -> None:
+        self.at = time.perf_counter() + seconds
+
+    def passed(self) -> bool:
+        return time.perf_counter() > self.at
+
+
+def sequential_fetch(port: int, context: ssl.SSLContext | None, account: Account, count: int, cap: float) -> Outcome:
+    """Workload A: one session, RETR 1..count one at a time (fetchmail's pattern). Unit: messages/s."""
+    out = Outcome(planned=count)
+    client = Client(port, context)
+    out.extra["tls_version"] = client.tls_version
+    client.login(account.user, account.password)
+    latencies: list[float] = []
+    deadline = Deadline(cap)
+    start = time.perf_counter()
+    for number in range(1, count + 1):
+        t0 = time.perf_counter()
+        body = client.retr(number)
+        latencies.append(time.perf_counter() - t0)
+        out.nbytes += len(body)
+        if hashlib.sha256(body).hexdigest() != account.expected[number - 1]:
+            out.wrong += 1
+        out.done += 1
+        if deadline.passed() and number < count:
+            out.capped = True
+            break
+    out.seconds = time.perf_counter() - start
+    client.quit()
+    out.value = out.done / out.seconds
+    latencies.sort()
+    out.extra["latency_ms"] = {
+        "p50": round(1000 * statistics.median(latencies), 3),
+        "p99": round(1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3),
+        "max": round(1000 * latencies[-1], 3),
+    }
+    return out
+
+
+def large_fetch(port: int, context: ssl.SSLContext | None, account: Account) -> Outcome:
+    """Workload B: RETR of one large message. Unit: MB/s (10^6 bytes of body per second)."""
+    out = Outcome(planned=1)
+    client = Client(port, context)
+    out.extra["tls_version"] = client.tls_version
+    client.login(account.user, account.password)
+    start = time.perf_counter()
+    body = client.retr(1)
+    out.seconds = time.perf_counter() - start
+    client.quit()
+    if hashlib.sha256(body).hexdigest() != account.expected[0]:
+        out.wrong += 1
+    out.nbytes = len(body)
+    out.done = 1
+    out.value = out.nbytes / out.seconds / 1e6
+    return out
+
+
+def _run_threads(count: int, target: Callable[[int, threading.Barrier], None]) -> float:
+    """Run ``target(i, barrier)`` in ``count`` threads; time from the barrier's release to the last end."""
+    barrier = threading.Barrier(count + 1)
+    errors: list[BaseException] = []
+
+    def wrapper(i: int) -> None:
+        try:
+            target(i, barrier)
+        except BaseException as error:  # noqa: BLE001 (reported below)
+            errors.append(error)
+            barrier.abort()
+
+    threads = [threading.Thread(target=wrapper, args=(i,), daemon=True) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    try:
+        barrier.wait(timeout=120)
+    except threading.BrokenBarrierError:
+        pass
+    start = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    if errors:
+        raise errors[0]
+    return elapsed
+
+
+def concurrent_fetch(port: int, context: ssl.SSLContext | None, accounts: list[Account], per_client: int, cap: float) -> Outcome:
+    """Workload C: len(accounts) clients at once, each logged in first, then RETR 1..per_client.
+    Unit: messages/s over all clients, from the moment they all start fetching."""
+    out = Outcome(planned=len(accounts) * per_client)
+    lock = threading.Lock()
+    deadline_box: list[Deadline] = []
+
+    def one(i: int, barrier: threading.Barrier) -> None:
+        account = accounts[i]
+        client = Client(port, context)
+        client.login(account.user, account.password)
+        barrier.wait(timeout=120)
+        if not deadline_box:
+            deadline_box.append(Deadline(cap))
+        done = wrong = nbytes = 0
+        capped = False
+        for number in range(1, per_client + 1):
+            body = client.retr(number)
+            nbytes += len(body)
+            if hashlib.sha256(body).hexdigest() != account.expected[number - 1]:
+                wrong += 1
+            done += 1
+            if deadline_box[0].passed() and number < per_client:
+                capped = True
+                break
+        client.quit()
+        with lock:
+            out.done += done
+            out.wrong += wrong
+            out.nbytes += nbytes
+            out.capped = out.capped or capped
+
+    out.seconds = _run_threads(len(accounts), one)
+    out.value = out.done / out.seconds
+    return out
+
+
+def login_sessions(port: int, context: ssl.SSLContext | None, account: Account, sessions: int, threads: int, cap: float) -> Outcome:
+    """Workload D: ``sessions`` x (connect [+ TLS handshake], greeting, USER, PASS, STAT, QUIT) from
+    ``threads`` threads. Unit: sessions/s."""
+    out = Outcome(planned=sessions)
+    lock = threading.Lock()
+    per_thread = [sessions // threads + (1 if i < sessions % threads else 0) for i in range(threads)]
+    deadline_box: list[Deadline] = []
+    versions: set[str] = set()
+
+    def one(i: int, barrier: threading.Barrier) -> None:
+        barrier.wait(timeout=120)
+        if not deadline_box:
+            deadline_box.append(Deadline(cap))
+        done = wrong = 0
+        capped = False
+        for n in range(per_thread[i]):
+            client = Client(port, context)
+            versions.add(client.tls_version)
+            client.login(account.user, account.password)
+            if client.command(b"STAT") != account.stat:
+                wrong += 1
+            client.quit()
+            done += 1
+            if deadline_box[0].passed() and n + 1 < per_thread[i]:
+                capped = True
+                break
+        with lock:
+            out.done += done
+            out.wrong += wrong
+            out.capped = out.capped or capped
+
+    out.seconds = _run_threads(threads, one)
+    out.value = out.done / out.seconds
+    out.extra["tls_version"] = ",".join(sorted(v for v in versions if v))
+    return out
