@@ -198,3 +198,17 @@ def test_silent_upstream_times_out_without_quit(tmp_path: Path) -> None:
     fake = proxy.upstreams["main"]
     assert b"QUIT" not in fake.received
     assert fake.mailboxes[b"alice"].remaining() == MESSAGES  # the DELE was never committed
+
+
+def test_idle_timeout_counts_from_the_last_command(tmp_path: Path) -> None:
+    proxy = make(tmp_path, "idle_timeout = 600\n")
+    client = greeted(proxy)
+    say(proxy, client, b"USER alice\r\nPASS alice-pw\r\n")
+    proxy.clock.advance(300)
+    assert say(proxy, client, b"NOOP\r\n") == b"+OK\r\n"
+    proxy.clock.advance(599)
+    proxy.pump()
+    assert not client.lost
+    proxy.clock.advance(1)
+    proxy.pump()
+    assert client.take().startswith(b"-ERR [SYS/TEMP] Autologout") and client.lost

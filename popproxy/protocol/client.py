@@ -145,6 +145,8 @@ class ClientProtocol(Protocol):
         self._login_started = 0.0
         self._tls_timer: IDelayedCall | None = None
         self._draining = False
+        self._activity = 0.0  # when the client last sent a command (idle timeout)
+        self._upstream_capabilities: frozenset[bytes] = frozenset()
         self._quit_after_login: list[Command] | None = None
 
     # -- log fields ---------------------------------------------------------------------------------
@@ -407,6 +409,7 @@ class ClientProtocol(Protocol):
 
     def _start_timer(self, seconds: float, reason: str) -> None:
         self._cancel_timer()
+        self._activity = self.settings.clock.seconds()
         self._timer = self.settings.clock.callLater(seconds, self._timed_out, seconds, reason)
 
     def _cancel_timer(self) -> None:
@@ -416,9 +419,16 @@ class ClientProtocol(Protocol):
 
     def _timed_out(self, seconds: float, reason: str) -> None:
         self._timer = None
+        clock = self.settings.clock
         if self.state is State.TRANSACTION and len(self._answers):
             # An answer is still streaming to a slow client: that is not idleness.
             self._start_timer(seconds, reason)
+            return
+        remaining = self._activity + seconds - clock.seconds()
+        if remaining > 0:
+            # A command came since the timer was set (``_activity``, cheaper than a new timer per
+            # command): wait for the rest.
+            self._timer = clock.callLater(remaining, self._timed_out, seconds, reason)
             return
         self.log.info("session {session_id}: {reason} after {seconds}s", reason=reason, seconds=seconds, **self._fields())
         # RFC 1939 §3: an autologout timer expiring closes the connection without entering UPDATE,
@@ -730,6 +740,7 @@ class ClientProtocol(Protocol):
             self._counted_user = user
         self.state = State.TRANSACTION
         self._upstream = upstream
+        self._upstream_capabilities = capa.names(upstream.capabilities)
         self._upstream_name = upstream_name
         self.user = user
         if mailbox is not None or self._events:
@@ -803,7 +814,7 @@ class ClientProtocol(Protocol):
     def _transaction(self, command: Command, line: bytes) -> None:
         upstream = self._upstream
         assert upstream is not None
-        self._start_timer(self.settings.config.limits.idle_timeout, "idle timeout")
+        self._activity = self.settings.clock.seconds()
         if has_forbidden_bytes(line):
             self._answer(err("Command contains forbidden characters."))
             return
@@ -814,7 +825,7 @@ class ClientProtocol(Protocol):
             self._answer(err("Not allowed after login."))
             self._bad_command()
             return
-        if not commands.is_relayable(command, capa.names(upstream.capabilities)):
+        if not commands.is_relayable(command, self._upstream_capabilities):
             self._answer(err("Unknown command."))
             self._bad_command()
             return
