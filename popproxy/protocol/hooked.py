@@ -87,6 +87,8 @@ class MeteredSink(RelaySink):
         self._number = number
         self._meter = DeliveryMeter(runtime.wanted_headers)
         self._ok = False
+        note = runtime.mailbox.not_scanned_note(number) if runtime.mailbox is not None else None
+        self._notes = [note] if note else []
 
     def status(self, line: bytes, has_body: bool) -> None:
         self._ok = is_ok(line)
@@ -101,7 +103,7 @@ class MeteredSink(RelaySink):
             self._meter.finish_wire()
         super().end()
         _report(self._runtime, self._command, self._number, self._meter if self._ok else None,
-                scanned=False, outcome="delivered" if self._ok else "error")
+                scanned=False, outcome="delivered" if self._ok else "error", notes=self._notes)
 
 
 class HookSink(RelaySink):

@@ -59,6 +59,14 @@ class MailboxView:
     def scanned(self, number: int) -> bool:
         return bool(self.hooks_for(number))
 
+    def not_scanned_note(self, number: int) -> str | None:
+        """Why message hooks that apply to this user skip message ``number``, if they do."""
+        size = self.sizes.get(number)
+        if not self._hooks or size is None or self.scanned(number):
+            return None
+        largest = max(built.config.max_size for built in self._hooks)
+        return f"not scanned: {size} octets, more than max_size {largest}"
+
     def extra(self, number: int) -> int:
         """Octets added to message ``number``'s size in what the client is told."""
         return self._extra.get(number, 0)
