@@ -225,6 +225,11 @@ class HookOptions:
     def __contains__(self, name: str) -> bool:
         return name in self._table.data
 
+    @property
+    def raw(self) -> dict[str, object]:
+        """The table as written (for comparing two configurations)."""
+        return self._table.data
+
     def error(self, name: str, reason: str) -> ConfigError:
         return self._table.error(name, reason)
 
@@ -318,6 +323,14 @@ class HookConfig:
     on_error: str
     max_size: int
     options: HookOptions = field(compare=False, repr=False)
+
+    def same_settings(self, other: HookConfig) -> bool:
+        """True if ``other`` configures the same hook the same way (a reload may keep it running)."""
+        return (
+            self == other
+            and self.options.raw == other.options.raw
+            and self.options.config_path == other.options.config_path
+        )
 
     def applies_to(self, user: str) -> bool:
         """Exact user names match as written, ``@domain`` entries case-insensitively."""

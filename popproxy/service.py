@@ -113,7 +113,16 @@ class ProxyService(MultiService):
         new = [(listener.key, listener.endpoint, listener.tls) for listener in config.listeners]
         if old != new:
             log.warn("reload: listener changes take effect only after a restart; other changes applied")
-        retired = self.hooks
+        # A hook configured exactly as before keeps running (its open files, its state); the others
+        # are replaced, and retired once the sessions that use them are over.
+        kept = []
+        for index, built in enumerate(hooks):
+            same = next((old for old in self.hooks if old.config.same_settings(built.config)), None)
+            if same is not None:
+                _close_hooks((built,))
+                hooks = hooks[:index] + (same,) + hooks[index + 1 :]
+                kept.append(same)
+        retired = tuple(old for old in self.hooks if all(old is not k for k in kept))
         self.config, self.hooks = config, hooks
         self.guard.reconfigure(config.limits)
         self.connector.response_timeout = config.limits.upstream_timeout

@@ -177,26 +177,38 @@ def _tls(facts: Mapping[str, str], prefix: str) -> dict[str, str]:
 
 
 class FileWriter:
-    """JSON lines to a file, through Twisted's rotating log files (0600, created if missing)."""
+    """JSON lines to a file, through Twisted's rotating log files (0600, created if missing).
+
+    The file is opened at the first record, not when the hook is built: building also happens for
+    ``--check`` and on reload, and under ``twistd -u/-g`` the file must be created by (and so belong
+    to) the user the proxy runs as, or it could not rotate it later.
+    """
 
     def __init__(self, path: Path, rotate: str, max_bytes: int, keep: int) -> None:
-        directory, name = str(path.parent), path.name
-        if rotate == "daily":
-            self._file: Any = _KeptDailyLogFile(name, directory, keep)
-        else:
-            self._file = LogFile(
-                name, directory,
-                rotateLength=max_bytes if rotate == "size" else None,
-                maxRotatedFiles=keep if rotate == "size" else None,
-                defaultMode=0o600,
-            )
+        self._path, self._rotate, self._max_bytes, self._keep = path, rotate, max_bytes, keep
+        self._file: Any = None
+
+    def _open(self) -> Any:
+        directory, name = str(self._path.parent), self._path.name
+        if self._rotate == "daily":
+            return _KeptDailyLogFile(name, directory, self._keep)
+        return LogFile(
+            name, directory,
+            rotateLength=self._max_bytes if self._rotate == "size" else None,
+            maxRotatedFiles=self._keep if self._rotate == "size" else None,
+            defaultMode=0o600,
+        )
 
     def write(self, line: str) -> None:
+        if self._file is None:
+            self._file = self._open()
         self._file.write(line + "\n")
         self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 class SyslogWriter:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# Resolving a host name needs the IDNA codec, which Python imports on first use. Import it now, while
+# twistd still runs as root: after -u/-g the Python installation may not be readable any more.
+import encodings.idna  # noqa: F401
 from collections.abc import Callable
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
