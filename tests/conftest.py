@@ -85,3 +85,48 @@ def close_raw_connections() -> Iterator[None]:
 
     yield
     RawPOP3.close_all()
+
+
+# --- 4. Real servers: spamd and rspamd, for the spam hooks ------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def spamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """One real SpamAssassin spamd for the whole run (``tests/support/spamd.py``): on
+    ``spamd.address`` (127.0.0.1, a free port) and ``spamd.socket_path`` (a Unix socket), from a
+    temporary site configuration: no DNS, no Bayes, ``report_safe 1``, ``required_score 5.0``."""
+    from support.spamd import SPAMD, SpamdServer
+
+    if SPAMD is None:
+        pytest.fail(
+            "spamd is not installed, but the spam hook tests need a real one: run scripts/test "
+            "(its scripts/setup installs spamassassin, spamd and spamc), or install them yourself.",
+            pytrace=False,
+        )
+    server = SpamdServer(tmp_path_factory.mktemp("spamd"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def rspamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """One real rspamd for the whole run (``tests/support/rspamd.py``): its normal worker on
+    ``rspamd.address`` (127.0.0.1, a free port) and ``rspamd.socket_path``, from a minimal temporary
+    configuration: no modules, no Redis, no DNS, GTUBE test patterns on."""
+    from support.rspamd import RSPAMD, RspamdServer
+
+    if RSPAMD is None:
+        pytest.fail(
+            "rspamd is not installed, but the spam hook tests need a real one: run scripts/test "
+            "(its scripts/setup installs rspamd), or install it yourself.",
+            pytrace=False,
+        )
+    server = RspamdServer(tmp_path_factory.mktemp("rspamd"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()

@@ -46,13 +46,15 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.error import ConnectingCancelledError
-from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
 from ..config import HookConfig
@@ -70,7 +72,7 @@ from .spamheaders import (
     sorted_tests,
 )
 
-__all__ = ["RspamdError", "RspamdHook", "RspamdResult", "factory", "parse_result"]
+__all__ = ["RspamdError", "RspamdFactory", "RspamdHook", "RspamdResult", "factory", "parse_result", "read_body"]
 
 DEFAULT_PORT: Final = 11333
 DEFAULT_MAX_ADDED: Final = 1024
@@ -84,6 +86,7 @@ DEFAULT_SPAM_ACTIONS: Final = ("reject", "add header", "rewrite subject", "disca
 MAX_ANSWER: Final = 1024 * 1024
 MAX_VERDICT_TESTS: Final = 200
 
+_T = TypeVar("_T")
 _TOKEN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _UIDL = re.compile(r"[\x21-\x7e]{1,70}")  # RFC 1939 §7
 
@@ -152,13 +155,35 @@ def _shown(data: bytes, limit: int = 80) -> str:
     return repr(data[:limit]) + ("..." if len(data) > limit else "")
 
 
-def _cancelled(error: BaseException) -> bool:
-    """Whether ``error`` is how Agent reports a cancelled request: directly, or wrapped in
-    ``ResponseNeverReceived``/``ResponseFailed`` (their ``reasons`` hold the Failures)."""
-    kinds = (CancelledError, ConnectingCancelledError)
-    if isinstance(error, kinds):
-        return True
-    return any(getattr(reason, "check", lambda *_: None)(*kinds) for reason in getattr(error, "reasons", ()) or ())
+def _cancellable(pending: Deferred[_T]) -> Deferred[_T]:
+    """A Deferred that fires as ``pending`` does, but fails with ``CancelledError`` once cancelled.
+
+    Cancelling it cancels ``pending``. An ``Agent`` request that is cancelled fails with whatever
+    the aborted connection produced (``ConnectionLost``, ``ResponseNeverReceived``,
+    ``ConnectingCancelledError``), and popproxy's pipeline only recognises a timeout by the
+    ``CancelledError`` that ``Deferred.addTimeout`` turns into a ``TimeoutError``.
+    """
+    cancelled = False
+
+    def cancel(_: Deferred[_T]) -> None:
+        nonlocal cancelled
+        cancelled = True
+        pending.cancel()
+
+    follower: Deferred[_T] = Deferred(cancel)
+
+    def settle(result: object) -> None:
+        if follower.called:
+            return  # Deferred.cancel failed it already
+        if cancelled:
+            follower.errback(CancelledError())
+        elif isinstance(result, Failure):
+            follower.errback(result)
+        else:
+            follower.callback(result)  # type: ignore[arg-type]
+
+    pending.addBoth(settle)
+    return follower
 
 
 def _reason(error: BaseException) -> str:
@@ -166,6 +191,58 @@ def _reason(error: BaseException) -> str:
     if reasons:
         return "; ".join(reason.getErrorMessage() for reason in reasons)
     return f"{type(error).__name__}: {error}"
+
+
+class _BodyReader(Protocol):
+    """Collects a response body, at most ``limit`` octets of it, and fires ``finished``."""
+
+    def __init__(self, finished: Deferred[bytes], limit: int, where: str) -> None:
+        self._finished = finished
+        self._limit = limit
+        self._where = where
+        self._buffer = bytearray()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._finished.called:
+            return
+        self._buffer += data
+        if len(self._buffer) > self._limit:
+            self._finished.errback(RspamdError(f"rspamd at {self._where} sent more than {self._limit} octets"))
+            self.close()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self._finished.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):  # PotentialDataLoss: HTTP/1.0 without a length
+            self._finished.callback(bytes(self._buffer))
+        else:
+            self._finished.errback(reason)
+
+    def close(self) -> None:
+        """Close the connection (the response's transport can stop, not abort: it is a proxy)."""
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+
+def read_body(response: IResponse, limit: int, where: str) -> Deferred[bytes]:
+    """The body of ``response``, or :class:`RspamdError` past ``limit`` octets. Cancelling the
+    Deferred closes the connection.
+
+    ``twisted.web.client.readBody`` would do but for the limit, and in Twisted 26.10 it warns
+    ("Using readBody with a transport that does not have an abortConnection method",
+    DeprecationWarning) on every response an ``Agent`` returns: the response's transport is a
+    ``TransportProxyProducer``, which has no ``abortConnection``.
+    """
+    reader: _BodyReader | None = None
+
+    def cancel(_: Deferred[bytes]) -> None:
+        if reader is not None:
+            reader.close()
+
+    finished: Deferred[bytes] = Deferred(cancel)
+    reader = _BodyReader(finished, limit, where)
+    response.deliverBody(reader)
+    return finished
 
 
 @implementer(IBodyProducer)
@@ -277,20 +354,13 @@ class RspamdHook:
         """POST ``message`` to ``/checkv2`` and return rspamd's parsed answer."""
         where = str(self.server)
         try:
-            response = await self._agent.request(
-                b"POST", self._url, self.request_headers(context), _BytesProducer(message)
+            response = await _cancellable(
+                self._agent.request(b"POST", self._url, self.request_headers(context), _BytesProducer(message))
             )
-            reading = readBody(response)
-            if response.length is not UNKNOWN_LENGTH and response.length > MAX_ANSWER:
-                reading.addErrback(lambda _: None)  # the CancelledError below
-                reading.cancel()
-                raise RspamdError(f"rspamd at {where} announced {response.length} octets, more than {MAX_ANSWER}")
-            body = await reading
-        except RspamdError:
+            body = await _cancellable(read_body(response, MAX_ANSWER, where))
+        except (RspamdError, CancelledError):
             raise
         except Exception as error:
-            if _cancelled(error):
-                raise CancelledError(f"the request to rspamd at {where} was cancelled") from error
             raise RspamdError(f"cannot ask rspamd at {where}: {_reason(error)}") from error
         if response.code != 200:
             raise RspamdError(f"rspamd at {where} answered HTTP {response.code}: {_shown(body)}")

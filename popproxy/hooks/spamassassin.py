@@ -60,7 +60,17 @@ from .spamheaders import (
     sorted_tests,
 )
 
-__all__ = ["SpamAssassinHook", "SpamcProtocol", "SpamdAnswer", "SpamdError", "factory", "parse_answer"]
+__all__ = [
+    "SpamAssassinFactory",
+    "SpamAssassinHook",
+    "SpamcProtocol",
+    "SpamdAnswer",
+    "SpamdError",
+    "factory",
+    "parse_answer",
+    "parse_report",
+    "parse_symbols",
+]
 
 DEFAULT_PORT: Final = 783
 DEFAULT_MAX_ADDED: Final = 1024
@@ -76,7 +86,7 @@ _SPAM = re.compile(rb"(True|False|Yes|No) *; *(-?\d+(?:\.\d+)?) */ *(-?\d+(?:\.\
 _TEST = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:+-]{0,127}")
 # A row of the report's table: the score ("%4.1f", or "%4.0f" from 10 up), the name, the description.
 _ROW = re.compile(r" {0,3}(-?\d+(?:\.\d+)?) +([A-Za-z0-9_][A-Za-z0-9_.:+-]*)(?: +(.*))?")
-_TABLE_RULE = re.compile(r"-{3,} +-{3,}")
+_TABLE_RULE = re.compile(r"-{3,}(?: +-{3,})+")
 
 
 class SpamdError(Exception):
@@ -314,7 +324,7 @@ class SpamAssassinHook:
         protocol = SpamcProtocol(b"\r\n".join(head) + b"\r\n\r\n" + message, str(self.server))
         endpoint = self.server.endpoint(self._reactor, self._connect_timeout)
         try:
-            await connectProtocol(endpoint, protocol)  # type: ignore[arg-type]
+            await connectProtocol(endpoint, protocol)
         except (CancelledError, ConnectingCancelledError) as error:
             raise CancelledError(f"connecting to spamd at {self.server} was cancelled") from error
         except Exception as error:

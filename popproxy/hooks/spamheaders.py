@@ -34,6 +34,11 @@ not fit, and the report keeps as many entries as fit and says how many it left o
 more``) or is left out. So for any answer a scanner gives, the message grows by ``max_added``
 octets at most, and the reservation is ``max_added``.
 
+**Fields that came with the message** (an ``X-Spam-Status: No`` a spammer wrote, or the headers of
+a SpamAssassin run at delivery) are left as they are, below ours: popproxy changes no octet it
+did not add. Where forged fields matter, a ``rewrite`` hook with ``remove_header_matching =
+["^X-Spam-"]`` placed before the spam hook takes them out (and has its own reservation).
+
 The values come from a scanner: anything in them that is not printable ASCII (a CR or LF above all,
 which would let a scanner or a rule description inject header lines) is replaced, and the scores
 must be finite and below a million in size, or :class:`SpamMarkupError` is raised (a hook error).
@@ -52,15 +57,20 @@ from ..config import HookOptions
 __all__ = [
     "DEFAULT_PREFIX",
     "FOLD_AT",
+    "MAX_STARS",
     "ReportEntry",
     "ServerAddress",
     "SpamMarkup",
     "SpamMarkupError",
     "SpamSummary",
+    "clean",
+    "fold",
     "format_template",
     "read_markup",
     "read_server",
     "read_template",
+    "small",
+    "sorted_tests",
 ]
 
 DEFAULT_PREFIX: Final = "X-Spam-"
@@ -79,7 +89,8 @@ MAX_TAG: Final = 64
 #: Scores at or beyond this size are refused as garbage; it bounds the width of a written score.
 SCORE_LIMIT: Final = 1e6
 
-_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,39}")
+# At most 20 characters: "<prefix>Level: " and 50 stars must fit in 78 columns.
+_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,19}")
 # A header field's first line: RFC 5322 §3.6.8 field name, optional obsolete WSP, colon.
 _FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 _UNSAFE = re.compile(r"[^\x20-\x7e]")
@@ -165,7 +176,7 @@ class SpamMarkup:
             built in code with a ``max_added`` below :meth:`minimum`).
         """
         for what, value in (("score", summary.score), ("threshold", summary.threshold)):
-            if not (abs(value) < SCORE_LIMIT):  # also refuses NaN
+            if not (abs(round(value, 1)) < SCORE_LIMIT):  # as written; also refuses NaN
                 raise SpamMarkupError(f"implausible {what} {value!r}")
         layout = _Layout.of(message)
         edited, subject_growth, subject_line = message, 0, b""
@@ -228,15 +239,18 @@ class SpamMarkup:
         lines = self._fixed_lines(summary)
         budget -= sum(len(line) for line in lines)
         count = len(summary.tests)
+        reporting = self.report and bool(summary.report)
+        # With a report to write as well, the test list may take half of what is left.
+        share = max(budget // 2, len(self._status_line(summary, 0))) if reporting else budget
         status = self._status_line(summary, count)
-        if len(status) > budget:
-            keep = _most(lambda k: len(self._status_line(summary, k)) <= budget, count - 1)
+        if len(status) > share:
+            keep = _most(lambda k: len(self._status_line(summary, k)) <= share, count - 1)
             if keep < 0:
                 raise SpamMarkupError(f"max_added = {self.max_added} leaves no room for the status line")
             status = self._status_line(summary, keep)
         lines.append(status)
         budget -= len(status)
-        if self.report and summary.report:
+        if reporting:
             entries = summary.report
             keep = _most(lambda k: len(self._report_line(entries, k)) <= budget, len(entries))
             if keep >= 0:
@@ -290,8 +304,9 @@ def _report_entry(entry: ReportEntry | str) -> list[str]:
     ``* score NAME description``, wrapped with ``*      `` continuations."""
     if isinstance(entry, str):
         return _wrap(clean(entry), "", "  ")
-    head = f"* {_report_score(entry.score)} {_name(entry.name)}"
-    text = clean(f"{head} {clean(entry.description)}" if entry.description else head)
+    head = f"* {_report_score(entry.score)} {_name(entry.name)}"  # "*  2.5 NAME": the score is 4 wide
+    description = clean(entry.description, max(MAX_ENTRY - len(head) - 1, 8))
+    text = f"{head} {description}" if description else head
     lines = _wrap(text, "", "*      ")
     budget = MAX_ENTRY - len(text)
     for detail in entry.details:
@@ -436,7 +451,7 @@ def read_markup(
     if not _PREFIX.fullmatch(prefix):
         raise options.error(
             "header_prefix",
-            f"{prefix!r} must be 1 to 40 letters, digits and '-' that start a header field name, "
+            f"{prefix!r} must be 1 to 20 letters, digits and '-' that start a header field name, "
             'as in "X-Spam-"',
         )
     report = options.boolean("report", False)
