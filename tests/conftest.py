@@ -4,6 +4,8 @@ Sections (add new fixtures to the section they belong to, or start a new one):
 
 1. Certificates: one throwaway CA per test run; every server certificate in the run comes from it.
 2. Real servers: Dovecot POP3 with a generated mail corpus (``tests/support/dovecot.py``).
+3. Clients: raw connections closed after each test.
+4. Real spam scanners: SpamAssassin's spamd and rspamd (``tests/support/spamd.py``, ``rspamd.py``).
 """
 
 from __future__ import annotations

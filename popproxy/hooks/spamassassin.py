@@ -297,7 +297,9 @@ class SpamAssassinHook:
             table = parse_report(answer.body)
             if table is not None:
                 tests = sorted_tests(row.name for row in table)
-                report = table
+                # spamd lists rules of equal score in no stable order: sort, so that the same
+                # message always gets the same bytes (and a fetcher that compares sees no change).
+                report = tuple(sorted(table, key=lambda row: (-row.score, row.name)))
             else:  # a site's own report template: its text goes in as it is, the names come apart
                 text = answer.body.decode("utf-8", "replace").replace("\r\n", "\n").split("\n")
                 report = tuple(line for line in text if line.strip())
