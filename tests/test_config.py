@@ -973,3 +973,36 @@ def test_config_error_fields_and_message() -> None:
         "must be one of ...",
     )
     assert str(error) == "/etc/popproxy.toml: listen[0].tls: must be one of ..."
+
+
+def test_every_hook_example_in_conf_builds(tmp_path: Path) -> None:
+    """The commented [[hook]] examples in conf/popproxy.toml, uncommented, are a valid configuration:
+    the documentation cannot drift from what the hooks accept."""
+    import re
+
+    from popproxy.hooks.registry import build_hooks
+
+    text = (Path(__file__).parent.parent / "conf" / "popproxy.toml").read_text()
+    hooks_part = text[text.index("# Hooks: code that sees the traffic"):]
+    lines = []
+    for line in hooks_part.splitlines():
+        # A commented setting looks like "#key = ..." or "#[[hook...]]"; prose is "# ..." or "##".
+        if re.match(r"#(\[\[hook|[a-z_]+ = )", line):
+            lines.append(line[1:])
+    uncommented = "\n".join(lines)
+    # One of each "address or socket" pair, and paths that exist here.
+    uncommented = re.sub(r'^socket = .*$', "", uncommented, flags=re.MULTILINE)
+    uncommented = uncommented.replace('"/var/log/popproxy/audit.jsonl"', f'"{tmp_path / "audit.jsonl"}"')
+    uncommented = uncommented.replace('"/var/lib/popproxy/archive"', f'"{tmp_path / "archive"}"')
+    uncommented = re.sub(r"^syslog = .*$", "", uncommented, flags=re.MULTILINE)
+    config = tmp_path / "hooks.toml"
+    config.write_text(
+        '[[listen]]\nendpoint = "tcp:110"\ntls = "none"\n[upstream.a]\naddress = "h:1"\ntls = "none"\n'
+        '[routing]\ndefault = "a"\n' + uncommented + "\n"
+    )
+    built = build_hooks(load_config(config))
+    assert [b.config.use for b in built] == ["audit-log", "spamassassin", "rspamd", "rewrite", "archive"]
+    for b in built:
+        close = getattr(b.hook, "close", None)
+        if close is not None:
+            close()
