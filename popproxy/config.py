@@ -199,6 +199,8 @@ class LimitsConfig:
     max_sessions_per_ip: int = 20  # at once, per client address (IPv6: per /64)
     max_sessions_per_user: int = 10  # logged-in sessions at once, per user
     max_pipelined: int = 64  # commands a client may have waiting for answers
+    max_buffered: int = 65536  # octets of a client's unhandled input before its socket is paused
+    upstream_max_line: int = 1048576  # octets of one line in an upstream's multi-line answer
     max_bad_commands: int = 10  # over-long, unknown or out-of-state commands before disconnect
     max_login_failures: int = 3  # per connection, then disconnect
     login_failure_delay: float = 1.0  # after the first failure; doubled for each further one

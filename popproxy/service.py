@@ -46,7 +46,9 @@ class ProxyService(MultiService):
         self.handle_signals = handle_signals
         self.factories: list[ProxyFactory] = []
         self.server_tls: dict[str, ServerTLS] = {}
-        connector = connector or UpstreamConnector(reactor, response_timeout=config.limits.upstream_timeout)
+        connector = connector or UpstreamConnector(
+            reactor, response_timeout=config.limits.upstream_timeout, max_body_line=config.limits.upstream_max_line
+        )
         self.connector = connector
         self.hooks = build_hooks(config)
         self.guard = Guard(config.limits, reactor)
@@ -126,6 +128,7 @@ class ProxyService(MultiService):
         self.config, self.hooks = config, hooks
         self.guard.reconfigure(config.limits)
         self.connector.response_timeout = config.limits.upstream_timeout
+        self.connector.max_body_line = config.limits.upstream_max_line
         live: list[Deferred[None]] = []
         for factory in self.factories:
             key = factory.settings.listener.key

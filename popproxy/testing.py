@@ -305,7 +305,8 @@ class MemoryProxy:
             self.upstreams[upstream.name] = fake
             for address in upstream.addresses:
                 TCP4ServerEndpoint(self.clock, address.port, interface=address.host).listen(fake)
-        self.connector = UpstreamConnector(self.clock, self._endpoint_for, config.limits.upstream_timeout)
+        self.connector = UpstreamConnector(self.clock, self._endpoint_for, config.limits.upstream_timeout,
+                                           config.limits.upstream_max_line)
         self.hooks = build_hooks(config) if hooks is None else hooks
         self.guard = Guard(config.limits, self.clock)
         self.factory = ProxyFactory(

@@ -298,3 +298,35 @@ def test_sasl_plain() -> None:
     for bad in (b"=", b"!!!", base64.b64encode(b"alice\0pw"), base64.b64encode(b"\0\0pw"), base64.b64encode(b"a\0b\0c\0d")):
         with pytest.raises(sasl.SaslError):
             sasl.decode_plain(bad)
+
+
+def test_reader_breaks_on_an_endless_body_line_without_buffering() -> None:
+    recorder = Recorder([True])
+    reader = ResponseReader(recorder, max_body_line=1000)
+    reader.feed(b"+OK\r\nshort line\r\n")
+    for _ in range(5):
+        reader.feed(b"x" * 300)
+    assert recorder.events[-1] == ("too long", b"")
+    delivered = sum(len(data) for kind, data in recorder.events if kind == "body")
+    assert delivered <= 1000 + len(b"short line\r\n")
+
+
+def test_reader_breaks_on_a_body_larger_than_its_limit() -> None:
+    class Limited(Recorder):
+        def status_received(self, line: bytes) -> bool:
+            reader.body_limit = 100
+            return super().status_received(line)
+
+    recorder = Limited([True])
+    reader = ResponseReader(recorder)
+    reader.feed(b"+OK 10 octets\r\n")
+    for _ in range(10):
+        reader.feed(b"line\r\n" * 5)
+    assert recorder.events[-1] == ("too long", b"")
+
+
+def test_body_limit_follows_the_announced_size() -> None:
+    from popproxy.protocol.upstream import body_limit
+
+    assert body_limit(b"+OK 1000 octets\r\n") == 2000 + 65536
+    assert body_limit(b"+OK message follows\r\n") is None

@@ -94,7 +94,8 @@ class ResponseHandler(Protocol):
         """The terminator has been passed to ``body_received``."""
 
     def line_too_long(self) -> None:
-        """A status line exceeded the limit: the stream cannot be trusted any more."""
+        """A status line, a body line or a body exceeded its limit: the stream cannot be trusted
+        any more (and must not be allowed to exhaust memory)."""
 
 
 class BodyScanner:
@@ -129,9 +130,17 @@ class ResponseReader:
     ``+OK`` was sent in plain text and must not be believed, RFC 2595 §4).
     """
 
-    def __init__(self, handler: ResponseHandler, max_line_length: int = 8192) -> None:
+    def __init__(self, handler: ResponseHandler, max_line_length: int = 8192,
+                 max_body_line: int | None = None) -> None:
         self._handler = handler
         self._max_line_length = max_line_length
+        #: the longest line a body may hold (None: no limit); checked per chunk with one rfind
+        self.max_body_line = max_body_line
+        #: the most octets the current body may have (None: no limit); set by the handler for each
+        #: multi-line answer in ``status_received``
+        self.body_limit: int | None = None
+        self._body_size = 0
+        self._line_run = 0
         self._buffer = b""
         self._offset = 0
         self._body: BodyScanner | None = None
@@ -174,13 +183,26 @@ class ResponseReader:
             elif not self._deliver_status():
                 return
 
+    def _within_limits(self, data: bytes) -> bool:
+        """Count ``data`` against the body's limits; False (and the stream broken) past one."""
+        self._body_size += len(data)
+        last = data.rfind(b"\n")
+        self._line_run = self._line_run + len(data) if last == -1 else len(data) - last - 1
+        too_long = self.max_body_line is not None and self._line_run > self.max_body_line
+        too_big = self.body_limit is not None and self._body_size > self.body_limit
+        if too_long or too_big:
+            self._break()
+            return False
+        return True
+
     def _deliver_body(self) -> None:
         assert self._body is not None
         data = self._buffer[self._offset :] if self._offset else self._buffer
         self._buffer, self._offset = b"", 0
         end = self._body.feed(data)
         if end == -1:
-            self._handler.body_received(data)
+            if self._within_limits(data):
+                self._handler.body_received(data)
             return
         self._body = None
         self._buffer = data
@@ -203,8 +225,10 @@ class ResponseReader:
         self._offset = end + 1
         if not line.endswith(CRLF):
             line = line[:-1] + CRLF
+        self.body_limit = None
         if self._handler.status_received(line):
             self._body = BodyScanner()
+            self._body_size = self._line_run = 0
         return True
 
     def _break(self) -> None:

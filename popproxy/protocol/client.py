@@ -43,9 +43,6 @@ from .upstream import (
 __all__ = ["AUTH_FAILED", "TLS_REQUIRED", "UPSTREAM_DOWN", "ClientProtocol", "SessionSettings", "State"]
 
 TOO_MANY_SESSIONS = err("Too many sessions, try again later.", "SYS/TEMP")
-# Octets of unhandled client input kept while commands wait (a login in flight, a full pipeline)
-# before the proxy stops reading the socket.
-MAX_BUFFERED = 65536
 # Seconds a closing connection may take to finish (TLS close_notify) before it is cut.
 CLOSE_TIMEOUT = 5.0
 
@@ -369,15 +366,15 @@ class ClientProtocol(Authorization, Transaction, Protocol):
         """Stop handling the client's commands for ``reason`` (they stay buffered).
 
         The socket itself keeps being read, so that a client that hangs up is noticed at once, until
-        the buffer passes ``MAX_BUFFERED``; only then is the transport paused.
+        the buffer passes ``max_buffered`` (``[limits]``); only then is the transport paused.
         """
         self._holds.add(reason)
         self._check_buffer()
 
     def _check_buffer(self) -> None:
-        if self._holds and len(self._lines) > MAX_BUFFERED:
+        if self._holds and len(self._lines) > self._limits.max_buffered:
             self._reading.hold("buffer full")
-        elif len(self._lines) <= MAX_BUFFERED:
+        elif len(self._lines) <= self._limits.max_buffered:
             self._reading.release("buffer full")
 
     def _release_reading(self, reason: str) -> None:

@@ -41,10 +41,11 @@ class UpstreamConnector:
     """
 
     def __init__(self, reactor: IReactorTime, endpoint_for: EndpointFactory | None = None,
-                 response_timeout: float = 120.0) -> None:
+                 response_timeout: float = 120.0, max_body_line: int | None = None) -> None:
         self._reactor = reactor
         self._endpoint_for = endpoint_for or self._default_endpoint
         self.response_timeout = response_timeout
+        self.max_body_line = max_body_line
 
     def _default_endpoint(self, address: Address, upstream: UpstreamConfig) -> IStreamClientEndpoint:
         reactor: IReactorTCP = self._reactor  # type: ignore[assignment]
@@ -118,6 +119,7 @@ class UpstreamConnector:
                 log_fields=log_fields,
                 clock=self._reactor,
                 response_timeout=self.response_timeout,
+                max_body_line=self.max_body_line,
             )
             attempt = self._endpoint_for(address, upstream).connect(_Quiet.forProtocol(lambda: protocol))
             attempt.addTimeout(upstream.connect_timeout, self._reactor)

@@ -8,6 +8,7 @@ upstream's CAPA lists PIPELINING (RFC 2449 §6.6), otherwise one at a time.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,6 +79,7 @@ class UpstreamProtocol(Protocol):
         log_fields: dict[str, object] | None = None,
         clock: IReactorTime | None = None,
         response_timeout: float = 120.0,
+        max_body_line: int | None = None,
     ) -> None:
         self._tls = tls
         self._clock = clock
@@ -87,7 +89,7 @@ class UpstreamProtocol(Protocol):
         self.reading_gate: PauseGate | None = None
         self.on_lost = on_lost
         self._log_fields = log_fields or {}
-        self._reader = ResponseReader(self, MAX_STATUS_LINE)
+        self._reader = ResponseReader(self, MAX_STATUS_LINE, max_body_line)
         self._greeting = CollectSink()
         # Sent and awaiting an answer, oldest first; the greeting counts as one.
         self._inflight: deque[_Request] = deque([_Request(None, self._greeting, False)])
@@ -177,6 +179,8 @@ class UpstreamProtocol(Protocol):
             return False
         request = self._inflight[0]
         has_body = request.expects_body and is_ok(line)
+        if has_body:
+            self._reader.body_limit = body_limit(line)
         request.sink.status(line, has_body)
         if not has_body:
             self._complete()
@@ -189,7 +193,13 @@ class UpstreamProtocol(Protocol):
         self._complete()
 
     def line_too_long(self) -> None:
-        self.log.warn("upstream status line too long; closing", **self._log_fields)
+        self.log.warn(
+            "upstream sent a line or an answer beyond the limits (status line {status} octets, body "
+            "line {body_line}, body twice its announced size); closing",
+            status=MAX_STATUS_LINE,
+            body_line=self._reader.max_body_line,
+            **self._log_fields,
+        )
         self.transport.abortConnection()
 
     def _complete(self) -> None:
@@ -297,6 +307,16 @@ class UpstreamProtocol(Protocol):
         """Drop the connection without QUIT: the upstream must not enter UPDATE state (RFC 1939 §6)."""
         if not self.closed:
             self.transport.abortConnection()
+
+
+_OCTETS = re.compile(rb"^\+OK (\d+) octets")
+
+
+def body_limit(status: bytes) -> int | None:
+    """The most octets a body may have: twice what ``+OK n octets`` announced (stuffing and CRLF
+    can add, but never double it), plus room for small messages; None without an announcement."""
+    match = _OCTETS.match(status)
+    return 2 * int(match.group(1)) + 65536 if match else None
 
 
 def set_no_delay(transport: object) -> None:
