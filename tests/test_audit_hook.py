@@ -18,7 +18,7 @@ from popproxy.testing import MemoryProxy, RecordingClient
 from support.configs import proxy_config
 
 MESSAGES = [
-    b"Message-ID: <one@example.org>\r\nFrom: Ann <ann@example.org>\r\nSubject: first\r\n\r\n.dot\r\nbody\r\n",
+    b"Message-ID: <one@example.org>\r\nFrom: =?utf-8?q?Ann?=\r\n <ann@example.org>\r\nSubject: f\xc3\xafrst\r\n\r\n.dot\r\nbody\r\n",
     b"Message-ID: <two@example.org>\r\nFrom: Bo <bo@example.org>\r\nSubject: =?utf-8?q?s=C3=A9cond?=\r\n\r\nbody 2\r\n",
 ]
 PASSWORD = "Sekr1t-Passw0rd"
@@ -81,12 +81,13 @@ def test_scripted_session_records(tmp_path: Path, message_hook: bool) -> None:
     assert retr_row["number"] == 1 and retr_row["sha256"] == hashlib.sha256(delivered).hexdigest()
     assert retr_row["size"] == len(delivered)
     assert retr_row["message_id"] == "<one@example.org>"
-    assert retr_row["headers"] == {"From": "Ann <ann@example.org>", "Subject": "first"}
+    # Folded, encoded-word and raw UTF-8 (RFC 6532) values, all readable.
+    assert retr_row["headers"] == {"From": "Ann <ann@example.org>", "Subject": "fïrst"}
     assert retr_row["uidl"] == hashlib.sha1(MESSAGES[0]).hexdigest()[:16]
     assert retr_row["scanned"] is message_hook
     assert [v["hook"] for v in retr_row["verdicts"]] == (["support.samplehooks:tagger"] if message_hook else [])
     assert top_row["number"] == 2 and top_row["message_id"] == "<two@example.org>"
-    assert top_row["headers"]["Subject"] == "=?utf-8?q?s=C3=A9cond?="
+    assert top_row["headers"]["Subject"] == "sécond"  # RFC 2047 decoded for the reader
     assert dele_row["number"] == 1 and dele_row["result"] == "ok"
     assert dele_row["message_id"] == "<one@example.org>" and dele_row["sha256"] == retr_row["sha256"]
     assert closed["ended"] == "quit" and closed["user"] == "alice" and closed["upstream"] == "main"

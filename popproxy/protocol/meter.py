@@ -8,9 +8,9 @@ split across chunks is still seen whole.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable
-from email.parser import BytesHeaderParser
-from email.policy import compat32
+from email.header import decode_header, make_header
 
 _STUFFED = b"\r\n.."
 _HEADER_LIMIT = 65536  # octets of the header block kept for parsing; the rest of a huge header is ignored
@@ -92,13 +92,20 @@ class DeliveryMeter:
         return self._hash.hexdigest()
 
     def headers(self) -> dict[str, str]:
-        """The wanted headers (first occurrence each), unfolded, as found; undecodable bytes replaced."""
-        head = bytes(self._head).split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
-        parsed = BytesHeaderParser(policy=compat32).parsebytes(head)
-        found = {}
-        for name, value in parsed.items():
-            key = name.lower()
-            if key in self._wanted and name not in found:
-                text = str(value) if not isinstance(value, str) else value
-                found[name] = " ".join(text.split())[:1000]
+        """The wanted headers (first occurrence each), unfolded and decoded for people to read: raw
+        8-bit values as UTF-8 (RFC 6532), encoded words (RFC 2047) decoded; bytes that do not decode
+        are replaced, never dropped silently."""
+        head = bytes(self._head).split(b"\r\n\r\n", 1)[0]
+        found: dict[str, str] = {}
+        for field in re.split(rb"\r\n(?![ \t])", head):
+            name, colon, value = field.partition(b":")
+            key = name.strip().decode("ascii", "replace")
+            if not colon or key.lower() not in self._wanted or key in found:
+                continue
+            text = " ".join(value.decode("utf-8", "replace").split())
+            try:
+                text = str(make_header(decode_header(text)))
+            except (ValueError, LookupError, UnicodeError):
+                pass  # a malformed encoded word: keep the text as it was sent
+            found[key] = text[:1000]
         return found
