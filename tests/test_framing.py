@@ -330,3 +330,54 @@ def test_body_limit_follows_the_announced_size() -> None:
 
     assert body_limit(b"+OK 1000 octets\r\n") == 2000 + 65536
     assert body_limit(b"+OK message follows\r\n") is None
+
+
+_LINES = st.lists(
+    st.one_of(st.sampled_from([b"", b".", b"..", b".x", b"...", b"a.b", b" .", b"\r"]),
+              st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"").replace(b"\r", b""))),
+    max_size=30,
+)
+
+
+@given(_LINES, st.lists(st.integers(min_value=1, max_value=17), min_size=1, max_size=40))
+@settings(max_examples=400)
+def test_framing_round_trips_under_any_chunking(lines: list[bytes], sizes: list[int]) -> None:
+    """A message stuffed onto the wire, read back through the reader in arbitrary chunks and
+    un-stuffed (whole, and streaming), is the message again; the answer after it is intact."""
+    from popproxy.pop3.wire import stuff_body, unstuff_body
+    from popproxy.protocol.meter import StreamingUnstuffer
+
+    message = b"".join(line + b"\r\n" for line in lines)
+    stream = b"+OK\r\n" + stuff_body(message) + b"+OK next\r\n"
+    recorder = Recorder([True, False])
+    reader = ResponseReader(recorder)
+    streaming = StreamingUnstuffer()
+    unstuffed = b""
+    offset, i = 0, 0
+    while offset < len(stream):
+        size = sizes[i % len(sizes)]
+        reader.feed(stream[offset : offset + size])
+        offset += size
+        i += 1
+    body = b"".join(data for kind, data in recorder.events if kind == "body")
+    for start in range(0, len(body), 7):
+        unstuffed += streaming.feed(body[start : start + 7])
+    unstuffed += streaming.finish()
+    assert unstuff_body(body) == message
+    assert unstuffed == message
+    assert recorder.events[-1] == ("status", b"+OK next\r\n")
+
+
+@given(st.binary(max_size=3000), st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=20),
+       st.lists(st.booleans(), max_size=50))
+@settings(max_examples=300)
+def test_reader_survives_any_bytes(data: bytes, sizes: list[int], bodies: list[bool]) -> None:
+    """Whatever an upstream sends, the reader never raises; it delivers or breaks the stream."""
+    recorder = Recorder(bodies + [False] * 5000)
+    reader = ResponseReader(recorder, max_line_length=512, max_body_line=256)
+    offset, i = 0, 0
+    while offset < len(data):
+        reader.feed(data[offset : offset + sizes[i % len(sizes)]])
+        offset += sizes[i % len(sizes)]
+        i += 1
+    assert all(kind in ("status", "body", "end", "too long") for kind, _ in recorder.events)

@@ -404,3 +404,47 @@ def test_stls_on_implicit_listener_is_refused(tmp_path: Path) -> None:
     assert say(proxy, client, b"STLS\r\n") == b"-ERR STLS not available.\r\n"
     capa = say(proxy, client, b"CAPA\r\n")
     assert b"STLS" not in capa and b"USER\r\n" in capa
+
+
+@pytest.fixture
+def failures():
+    from twisted.logger import globalLogPublisher
+
+    seen: list[dict] = []
+
+    def observer(event: dict) -> None:
+        if event.get("log_failure") is not None or event.get("isError"):
+            seen.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    yield seen
+    globalLogPublisher.removeObserver(observer)
+
+
+def test_any_client_bytes_never_raise(tmp_path: Path, failures: list) -> None:
+    """Property: whatever a client sends, in any chunking, before or after login, no exception
+    escapes the protocol and every session still ends cleanly."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    proxy = make_proxy(tmp_path, tls="starttls", require_tls=False)
+    words = st.sampled_from([b"USER alice", b"PASS alice-pw", b"STAT", b"LIST", b"RETR 2", b"TOP 1 0", b"DELE 1",
+                             b"RSET", b"NOOP", b"CAPA", b"AUTH PLAIN", b"AUTH", b"UIDL", b"QUIT", b"STLS", b"*", b"="])
+    chunks = st.lists(st.one_of(st.binary(max_size=300), words.map(lambda w: w + b"\r\n")), max_size=30)
+
+    @given(chunks)
+    @settings(max_examples=150, deadline=None)
+    def run(parts: list[bytes]) -> None:
+        client, session = proxy.connect()
+        for part in parts:
+            if client.lost:
+                break
+            client.send(part)
+            proxy.settle()
+        client.transport.loseConnection()
+        proxy.settle()
+        assert session.state.name == "CLOSED"
+
+    run()
+    assert failures == []
+    assert proxy.factory.sessions == set()
