@@ -171,6 +171,11 @@ class ResponseReader:
         return self._paused
 
     @property
+    def pending(self) -> int:
+        """Octets received and not delivered yet."""
+        return len(self._buffer) - self._offset
+
+    @property
     def in_body(self) -> bool:
         return self._body is not None
 

@@ -55,6 +55,10 @@ _LOGIN_CODE_TEXT = {
 
 USER_IN_USE = err("Too many sessions for this user.", "IN-USE")
 
+# The most octets of a LIST or UIDL answer read at login: about half a million messages. An upstream
+# that sends more (or without end) fails the login instead of filling memory.
+LISTING_LIMIT = 8 * 1024 * 1024
+
 
 class Authorization:
     """The AUTHORIZATION-state half of ``ClientProtocol`` (a mixin: it shares the session's state)."""
@@ -201,6 +205,7 @@ class Authorization:
             self._login_refused(AUTH_FAILED)
             return
         upstream = config.upstreams[route]
+        self._attempt = (user, upstream.name)
         self.state = State.LOGGING_IN
         self._hold_reading("login")
         self._login = self.settings.connector.open(
@@ -266,17 +271,20 @@ class Authorization:
             return
         # Sizes must include what the hooks may add from the first answer on: learn them now.
         prepared = ensureDeferred(_mailbox_view(upstream, message_hooks))
+        self._login = prepared  # a client that goes away cancels this too
         prepared.addCallbacks(
             lambda mailbox: self._start_transaction(upstream, user, upstream_name, mailbox),
             lambda failure: self._mailbox_failed(failure, upstream, user, upstream_name),
         )
 
     def _mailbox_failed(self, failure: Failure, upstream: UpstreamProtocol, user: str, upstream_name: str) -> None:
+        self._login = None
         upstream.abort()
         self._login_failed(Failure(UpstreamUnavailable(f"LIST/UIDL at login failed: {describe(failure)}")), user, upstream_name)
 
     def _start_transaction(self, upstream: UpstreamProtocol, user: str, upstream_name: str,
                            mailbox: MailboxView | None) -> None:
+        self._login = None
         if self.state is State.CLOSED:
             upstream.abort()
             return
@@ -287,14 +295,16 @@ class Authorization:
             return
         guard = self.settings.guard
         if guard is not None:
-            if not guard.user_admit(user):
+            # Counted case-insensitively: domains route that way, and servers such as Dovecot
+            # (auth_username_format %Lu) map names differing in case to one mailbox.
+            if not guard.user_admit(user.casefold()):
                 self.log.warn("session {session_id}: {user} has too many sessions; refused", user=user, **self._fields())
                 upstream.abort()  # no QUIT: nothing of this session may reach UPDATE state
                 self._authenticated("refused", "IN-USE", user, upstream_name)
                 self._answer(USER_IN_USE)
                 self._close("too many sessions for user")
                 return
-            self._counted_user = user
+            self._counted_user = user.casefold()
         self.state = State.TRANSACTION
         self._upstream = upstream
         self._upstream_capabilities = capa.names(upstream.capabilities)
@@ -359,19 +369,21 @@ class Authorization:
             **self._fields(),
         )
         self._authenticated(result, code, user, upstream_name)
-        self._release_reading("login")
+        # Answer (or hold the answer back for the penalty) before reading pipelined commands again:
+        # their answers must follow this one (RFC 2449 §6.6), and a pipelined guess must wait.
         if result == "refused":
             self._login_refused(answer)
         else:
             # [SYS/TEMP]: the upstream is down; not the client's fault, not a failed login.
             self._answer(answer)
+        self._release_reading("login")
 
 
 async def _mailbox_view(upstream: UpstreamProtocol, hooks: list[BuiltHook]) -> MailboxView:
     """LIST and UIDL, once, at login: sizes for the reservations, UIDLs for the hooks' facts."""
-    listing = CollectSink(limit=64 * 1024 * 1024)
+    listing = CollectSink(limit=LISTING_LIMIT)
     upstream.request(b"LIST\r\n", listing, expects_body=True)
-    uidl = CollectSink(limit=64 * 1024 * 1024)
+    uidl = CollectSink(limit=LISTING_LIMIT)
     upstream.request(b"UIDL\r\n", uidl, expects_body=True)
     status, lines = await listing.result
     if not status.startswith(b"+OK"):

@@ -95,6 +95,8 @@ class ClientProtocol(Authorization, Transaction, Protocol):
         self._tls_timer: IDelayedCall | None = None
         self._draining = False
         self._activity = 0.0  # when the client last sent a command (idle timeout)
+        self._progress_mark = -1  # bytes_out at the last idle check while an answer was pending
+        self._attempt: tuple[str, str] | None = None  # (user, upstream) of the latest login attempt
         self._upstream_capabilities: frozenset[bytes] = frozenset()
         self._quit_after_login: list[Command] | None = None
 
@@ -118,8 +120,8 @@ class ClientProtocol(Authorization, Transaction, Protocol):
             client_host=str(fields["peer_host"]),
             client_port=int(fields["peer_port"] or 0),
             listener=self.settings.listener.key,
-            user=self.user,
-            upstream=self._upstream_name,
+            user=self.user or (self._attempt[0] if self._attempt else None),
+            upstream=self._upstream_name or (self._attempt[1] if self._attempt else None),
             client_tls=dict(self._client_tls),
             upstream_tls=dict(upstream.tls_facts) if upstream is not None else {},
         )
@@ -216,6 +218,13 @@ class ClientProtocol(Authorization, Transaction, Protocol):
                 guard.user_left(self._counted_user)
         self.state = State.CLOSED
         if self._login is not None and self._quit_after_login is None:
+            if previous is State.LOGGING_IN and self._attempt is not None:
+                user, upstream_name = self._attempt
+                self.log.info(
+                    "session {session_id}: login for {user} at {upstream} abandoned: {reason}",
+                    event="login", user=user, upstream=upstream_name, result="abandoned",
+                    reason=self._end_reason, **self._fields(),
+                )
             self._login.cancel()
         upstream = self._upstream
         if upstream is not None and not upstream.closed:
@@ -328,9 +337,13 @@ class ClientProtocol(Authorization, Transaction, Protocol):
         self._timer = None
         clock = self.settings.clock
         if self.state is State.TRANSACTION and len(self._answers):
-            # An answer is still streaming to a slow client: that is not idleness.
-            self._start_timer(seconds, reason)
-            return
+            # An answer is still on its way to the client: that is not idleness as long as it moves.
+            # A client that stops reading altogether is cut off after the same time without progress.
+            if self._bytes_out != self._progress_mark:
+                self._progress_mark = self._bytes_out
+                self._start_timer(seconds, reason)
+                return
+            reason = "client stopped reading"
         remaining = self._activity + seconds - clock.seconds()
         if remaining > 0:
             # A command came since the timer was set (``_activity``, cheaper than a new timer per
@@ -353,6 +366,10 @@ class ClientProtocol(Authorization, Transaction, Protocol):
             if line is None:
                 return
             if line is TOO_LONG:
+                if self.state is State.SASL:
+                    # RFC 5034 §4: this -ERR ends the AUTH exchange; what follows is a command again.
+                    self.state = State.AUTHORIZATION
+                    self._lines.max_length = MAX_COMMAND_LINE
                 self._answer(err("Command line too long."))
                 self._bad_command()
             elif self.state is State.SASL:

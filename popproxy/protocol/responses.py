@@ -95,7 +95,7 @@ class RelaySink:
     #: whether the status line was +OK
     succeeded = False
 
-    def __init__(self, queue: AnswerQueue, write: Callable[[bytes], None], abort: Callable[[], None]) -> None:
+    def __init__(self, queue: AnswerQueue, write: Callable[[bytes], None], abort: Callable[..., None]) -> None:
         self._queue = queue
         self._write = write
         self._abort = abort
@@ -115,7 +115,10 @@ class RelaySink:
         self._queue.finished(self)
 
     def failed(self, reason: Failure) -> None:
-        self._abort()
+        # In the middle of a body: abort, so no terminator follows and the client sees a broken
+        # connection. Before this answer began: close normally, so the complete answers before it
+        # still reach the client.
+        self._abort(not self._in_body)
 
 
 class FilteringSink(RelaySink):
@@ -180,6 +183,10 @@ class CollectSink:
         self._size += len(data)
         if self._size <= self._limit:
             self._parts.append(data)
+        elif not self.result.called:
+            # Fail now rather than at an end that may never come (an endless answer).
+            self._parts.clear()
+            self.result.errback(ValueError(f"answer larger than {self._limit} bytes"))
 
     def end(self) -> None:
         if self.result.called:

@@ -107,10 +107,15 @@ class Transaction:
         if self.state is not State.CLOSED:
             self._close("quit")
 
-    def _upstream_broke(self) -> None:
-        """The upstream went away in the middle of an answer: abort, so that the client sees a broken
-        connection rather than a complete-looking, truncated message."""
-        if self.state is not State.CLOSED:
+    def _upstream_broke(self, graceful: bool = False) -> None:
+        """The upstream went away with an answer due. In the middle of an answer: abort, so that the
+        client sees a broken connection rather than a complete-looking, truncated message. Between
+        answers (``graceful``): close after what was already written."""
+        if self.state is State.CLOSED:
+            return
+        if graceful:
+            self._close("upstream lost")
+        else:
             self._abort("upstream lost mid-answer")
 
     def _upstream_lost(self, reason: Failure) -> None:

@@ -100,6 +100,7 @@ class UpstreamProtocol(Protocol):
         self.capabilities: list[bytes] = []
         self.connected_tls = False
         self.tls_facts: dict[str, str] = {}
+        self._delivering = False  # inside the reader: commands asked for now wait until it is done
         self.bytes_in = 0
         self.bytes_out = 0
         self.closed = False
@@ -108,11 +109,28 @@ class UpstreamProtocol(Protocol):
 
     def connectionMade(self) -> None:
         set_no_delay(self.transport)
+        self._rearm()  # the greeting is an answer that is due
 
     def dataReceived(self, data: bytes) -> None:
         self.bytes_in += len(data)
-        self._reader.feed(data)
+        self._delivering = True
+        try:
+            self._reader.feed(data)
+        finally:
+            self._delivering = False
+        self._after_delivery()
         self._rearm()
+
+    def _after_delivery(self) -> None:
+        """Commands queued while answers were being handed out go now (not in the middle of a chunk,
+        whose rest may hold a line nobody asked for: it must not become the next command's answer)."""
+        if self.closed:
+            return
+        if not self._inflight and self._reader.pending and not self._reader.paused:
+            self._unsolicited()
+            return
+        while self._waiting and (self.pipelining or not self._inflight):
+            self._send(self._waiting.popleft())
 
     def handshakeCompleted(self) -> None:
         # Twisted calls this even when certificate verification failed and the connection is being
@@ -147,7 +165,7 @@ class UpstreamProtocol(Protocol):
         request = _Request(line, sink, expects_body)
         if self.closed:
             sink.failed(Failure(ConnectionError("upstream connection closed")))
-        elif self.pipelining or not (self._inflight or self._waiting):
+        elif not self._delivering and (self.pipelining or not (self._inflight or self._waiting)):
             self._send(request)
         else:
             self._waiting.append(request)
@@ -169,12 +187,13 @@ class UpstreamProtocol(Protocol):
 
     def status_received(self, line: bytes) -> bool:
         if not self._inflight:
-            # Nothing was asked: an upstream that talks out of turn would shift every later answer
-            # onto the wrong command, so it is not believed any further.
-            self.log.warn(
-                "upstream sent an unsolicited line; closing",
-                **self._log_fields,
-            )
+            self._unsolicited()
+            return False
+        if not (line.startswith(b"+OK") or line.startswith(b"-ERR")) and self._inflight[0].line is not None:
+            # RFC 1939 §3: every status line starts with +OK or -ERR. Anything else means the stream
+            # is not what the proxy thinks it is; relaying it would hand the client nonsense. (A bad
+            # greeting goes to the login, which refuses it by name.)
+            self.log.warn("upstream sent a line that is neither +OK nor -ERR; closing", **self._log_fields)
             self.transport.abortConnection()
             return False
         request = self._inflight[0]
@@ -204,8 +223,6 @@ class UpstreamProtocol(Protocol):
 
     def _complete(self) -> None:
         request = self._inflight.popleft()
-        if self._waiting and not self._inflight:
-            self._send(self._waiting.popleft())
         if not self._inflight:
             self._disarm()
         request.sink.end()
@@ -242,7 +259,18 @@ class UpstreamProtocol(Protocol):
         self._reader.pause()
 
     def resume_reading(self) -> None:
-        self._reader.resume()
+        self._delivering = True
+        try:
+            self._reader.resume()
+        finally:
+            self._delivering = False
+        self._after_delivery()
+
+    def _unsolicited(self) -> None:
+        # Nothing was asked: an upstream that talks out of turn would shift every later answer onto
+        # the wrong command, so it is not believed any further.
+        self.log.warn("upstream sent an unsolicited line; closing", **self._log_fields)
+        self.transport.abortConnection()
 
     # -- logging in --------------------------------------------------------------------------------
 
