@@ -408,6 +408,7 @@ class ClientProtocol(Authorization, Transaction, Protocol):
         command = parse_command(line)
         if command is None:
             self._answer(err("Empty command."))
+            self._bad_command()
             return
         if self.state is State.TRANSACTION:
             self._transaction(command, line)

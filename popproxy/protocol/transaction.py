@@ -36,6 +36,7 @@ class Transaction:
         self._activity = self.settings.clock.seconds()
         if has_forbidden_bytes(line):
             self._answer(err("Command contains forbidden characters."))
+            self._bad_command()
             return
         if self._draining and command.verb != b"QUIT":
             self._answer(SHUTTING_DOWN)
