@@ -78,6 +78,18 @@ class ConfigError(Exception):
         return f"{self.path}: {self.key}: {self.reason}"
 
 
+def in_networks(host: str, networks: Collection[IPNetwork]) -> bool | None:
+    """Whether ``host`` lies in one of ``networks`` (an IPv4-mapped IPv6 address counting as its
+    IPv4 address); None if ``host`` is not an IP address at all."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
 @dataclass(frozen=True, slots=True)
 class Address:
     """One upstream ``host:port``; ``host`` holds an IPv6 address without its brackets."""
@@ -121,16 +133,11 @@ class ListenerConfig:
         """Whether the peer at ``ip`` may send a PROXY header, i.e. may claim any client address.
 
         IPv4-mapped IPv6 addresses (``::ffff:127.0.0.1``, seen on dual-stack ``tcp6`` listeners)
-        count as their IPv4 address. Anything that is not an IP address (a UNIX socket peer) is
-        refused: protect ``haproxy:unix:`` sockets with file permissions instead.
+        count as their IPv4 address. Anything that is not an IP address is not allowed by this
+        check; peers on ``haproxy:unix:`` sockets, which have no address, are left to the socket's
+        file permissions by the listener.
         """
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.proxy_from)
+        return bool(in_networks(ip, self.proxy_from))
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from twisted.internet.interfaces import IReactorTime
 
-from ..config import LimitsConfig
+from ..config import LimitsConfig, in_networks
 
 # A failure older than this no longer counts towards the address's penalty.
 FAILURE_MEMORY = 900.0
@@ -62,13 +62,8 @@ class Guard:
     # -- per-address table ---------------------------------------------------------------------------
 
     def _exempt(self, host: str) -> bool:
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return True
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self._limits.ip_allowlist)
+        """Allowlisted addresses, and peers without an address (UNIX sockets), have no counters."""
+        return in_networks(host, self._limits.ip_allowlist) is not False
 
     def _entry(self, host: str) -> _Address | None:
         key = address_key(host)
