@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import FirstError, ensureDeferred, gatherResults
 from twisted.python.failure import Failure
 
 from ..hooks.registry import BuiltHook
@@ -385,10 +385,14 @@ async def _mailbox_view(upstream: UpstreamProtocol, hooks: list[BuiltHook]) -> M
     upstream.request(b"LIST\r\n", listing, expects_body=True)
     uidl = CollectSink(limit=LISTING_LIMIT)
     upstream.request(b"UIDL\r\n", uidl, expects_body=True)
-    status, lines = await listing.result
+    # Both answers are awaited together, so that neither is left failing unobserved.
+    try:
+        (status, lines), (uidl_status, uidl_lines) = await gatherResults([listing.result, uidl.result], consumeErrors=True)
+    except FirstError as error:
+        raise error.subFailure.value from None
     if not status.startswith(b"+OK"):
         raise UpstreamUnavailable("LIST refused")
     sizes = {n: int(value) for n, value in parse_listing(lines).items() if value.isdigit()}
-    status, lines = await uidl.result
+    status, lines = uidl_status, uidl_lines
     uidls = {n: value.decode("ascii", "replace") for n, value in parse_listing(lines).items()} if status.startswith(b"+OK") else {}
     return MailboxView(sizes, uidls, hooks)

@@ -93,6 +93,7 @@ class ClientProtocol(Authorization, Transaction, Protocol):
         self._login_failures = 0
         self._login_started = 0.0
         self._tls_timer: IDelayedCall | None = None
+        self._close_timer: IDelayedCall | None = None
         self._draining = False
         self._activity = 0.0  # when the client last sent a command (idle timeout)
         self._progress_mark = -1  # bytes_out at the last idle check while an answer was pending
@@ -208,8 +209,9 @@ class ClientProtocol(Authorization, Transaction, Protocol):
         # A login in flight with a QUIT queued behind it is allowed to finish, to deliver that QUIT.
         self._quit_after_login = pending if previous is State.LOGGING_IN else None
         self._cancel_timer()
-        if self._tls_timer is not None and self._tls_timer.active():
-            self._tls_timer.cancel()
+        for timer in (self._tls_timer, self._close_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
         guard = self.settings.guard
         if guard is not None:
             if self._admitted_host is not None:
@@ -308,7 +310,7 @@ class ClientProtocol(Authorization, Transaction, Protocol):
             self._closing = True
             self._end_reason = reason
             self.transport.loseConnection()
-            self.settings.clock.callLater(CLOSE_TIMEOUT, self._close_timed_out)
+            self._close_timer = self.settings.clock.callLater(CLOSE_TIMEOUT, self._close_timed_out)
 
     def _close_timed_out(self) -> None:
         if not self._hung_up:

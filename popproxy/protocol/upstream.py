@@ -46,6 +46,10 @@ class UpstreamUnavailable(Exception):
         self.reason = reason
 
 
+class UpstreamLost(ConnectionError):
+    """The upstream connection ended; the message says how."""
+
+
 class UpstreamRefused(Exception):
     """The upstream refused the credentials; ``code`` is its RFC 3206 response code, if any."""
 
@@ -147,6 +151,10 @@ class UpstreamProtocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closed = True
         self._disarm()
+        # The reactor hands every clean close the same shared Failure object: raising it in a
+        # waiting coroutine would hang this session's frames on that shared exception's traceback
+        # until the next close. Give the waiters a failure of their own.
+        reason = Failure(UpstreamLost(describe(reason)))
         requests = list(self._inflight) + list(self._waiting)
         self._inflight.clear()
         self._waiting.clear()
