@@ -133,3 +133,25 @@ def test_bad_settings(tmp_path: Path, settings: str, key: str, reason: str) -> N
     with pytest.raises(ConfigError) as error:
         build_hooks(config)
     assert error.value.key == key and reason in error.value.reason
+
+
+def test_audit_log_on_a_full_disk_does_not_stop_the_session(tmp_path: Path) -> None:
+    """/dev/full: every write fails with ENOSPC. The session is served, the failure is logged once,
+    and no mail is affected (tests run as root, so file modes cannot make a path unwritable)."""
+    from twisted.logger import globalLogPublisher
+
+    seen: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        proxy = make(tmp_path, 'path = "/dev/full"\n')
+        client, _ = proxy.connect()
+        say(proxy, client, b"USER alice\r\nPASS " + PASSWORD.encode() + b"\r\n")
+        answer = say(proxy, client, b"RETR 1\r\nQUIT\r\n")
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    assert answer.startswith(b"+OK %d octets\r\n" % len(MESSAGES[0])) and answer.endswith(b"+OK Bye\r\n")
+    failures = [e for e in seen if "session hook {hook} failed" in str(e.get("log_format", ""))]
+    assert failures and all(e["hook"] == "audit-log" for e in failures)
+    assert "No space left on device" in str(failures[0]["log_failure"].value) or failures[0]["log_failure"].check(OSError)
+    # Logged once per kind of event, not once per record.
+    assert len(failures) == len({e["hook_event"] for e in failures})
