@@ -309,7 +309,12 @@ class UpstreamProtocol(Protocol):
         if is_ok(status):
             status, _ = await self._ask(b"PASS " + password + CRLF)
         if not is_ok(status):
-            raise UpstreamRefused(response_code(status))
+            code = response_code(status)
+            if code is None and b"AUTH-RESP-CODE" in capa.names(self.capabilities):
+                # RFC 3206 §6: an upstream that announces AUTH-RESP-CODE marks credential failures
+                # with [AUTH]; a refusal without it is about something else (shutting down, say).
+                raise UpstreamUnavailable("login refused without [AUTH] by an AUTH-RESP-CODE upstream")
+            raise UpstreamRefused(code)
 
     async def _start_tls(self) -> None:
         status, _ = await self._ask(b"STLS" + CRLF)
