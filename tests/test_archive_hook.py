@@ -16,6 +16,7 @@ import pytest
 import pytest_twisted
 from hypothesis import given
 from hypothesis import strategies as st
+from support.configs import PREAMBLE
 from twisted.internet.defer import succeed
 
 from popproxy.config import ConfigError, parse_config
@@ -29,19 +30,6 @@ from popproxy.hooks.interfaces import (
 )
 from popproxy.hooks.pipeline import ordered, run_message_hooks
 from popproxy.hooks.registry import build_hooks
-
-PREAMBLE = """
-[[listen]]
-endpoint = "tcp:0:interface=127.0.0.1"
-tls = "none"
-
-[upstream.main]
-address = "127.0.0.1:1110"
-tls = "none"
-
-[routing]
-default = "main"
-"""
 
 MESSAGE = b"From: a@example.net\r\nSubject: s\r\n\r\n.a line with a dot\r\nbody\r\n"
 NAME = re.compile(r"(\d+)\.M(\d{1,6})P(\d+)Q(\d+)\.([^/:,]+),S=(\d+)")

@@ -15,6 +15,7 @@ import pytest
 import pytest_twisted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.configs import PREAMBLE
 from twisted.internet.defer import Deferred
 
 from popproxy.config import ConfigError, parse_config
@@ -31,18 +32,6 @@ from popproxy.hooks.rewrite import THREAD_AT, RewriteHook, RewriteTooLarge
 
 CONFIG_PATH = Path("/etc/popproxy/popproxy.toml")
 
-PREAMBLE = """
-[[listen]]
-endpoint = "tcp:0:interface=127.0.0.1"
-tls = "none"
-
-[upstream.main]
-address = "127.0.0.1:1110"
-tls = "none"
-
-[routing]
-default = "main"
-"""
 
 
 def build(hook_toml: str) -> RewriteHook:

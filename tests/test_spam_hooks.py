@@ -14,6 +14,7 @@ import pytest
 import pytest_twisted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.configs import PREAMBLE
 from support.rspamd import GTUBE_ACTIONS, RspamdServer
 from support.spamd import GTUBE, SpamdServer, free_port
 from twisted.internet import reactor
@@ -45,18 +46,6 @@ from popproxy.hooks.spamheaders import (
 
 CONFIG_PATH = Path("/etc/popproxy/popproxy.toml")
 
-PREAMBLE = """
-[[listen]]
-endpoint = "tcp:0:interface=127.0.0.1"
-tls = "none"
-
-[upstream.main]
-address = "127.0.0.1:1110"
-tls = "none"
-
-[routing]
-default = "main"
-"""
 
 HAM_BODY = (
     b"Hi Bob,\r\n"

@@ -9,6 +9,21 @@ from popproxy.pki import CertificateAuthority, write_private
 
 _CA: CertificateAuthority | None = None
 
+#: The smallest valid configuration, for tests that add a [[hook]] table to it and parse the text.
+PREAMBLE = """
+[[listen]]
+endpoint = "tcp:0:interface=127.0.0.1"
+tls = "none"
+
+[upstream.main]
+address = "127.0.0.1:1110"
+tls = "none"
+
+[routing]
+default = "main"
+"""
+
+
 
 def shared_ca() -> CertificateAuthority:
     """One throwaway CA per test process (key generation is cheap, but not free)."""
