@@ -31,6 +31,8 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT / "tests"))  # tests/support: the Dovecot fixture
 
+from popproxy.pki import CertificateAuthority, write_private
+
 from peers import Direct, Files, Nginx, Perdition, PopProxy, Stunnel, Target
 from procs import cmdline, descendants, tree_cpu_seconds
 from support.dovecot import DovecotServer
@@ -45,8 +47,6 @@ from workloads import (
     wire_sha256,
 )
 
-from popproxy.pki import CertificateAuthority, write_private
-
 CRLF = b"\r\n"
 
 WORKLOADS = {
@@ -59,7 +59,7 @@ WORKLOADS = {
 
 # --- the mailbox ------------------------------------------------------------------------------------
 
-_WORDS = ["proxy", "mailbox", "octet", "greeting", "banner", "capability", "session", "upstream", "client", "server", "stuffing", "dot", "terminator", "message", "header", "body", "attachment", "transport", "layer", "security", "certificate", "handshake", "pipeline", "command", "response", "line", "length", "retrieve", "delete", "quit", "status", "list", "unique", "identifier", "the", "a", "of", "and", "to", "in", "is", "that", "for", "it", "as", "with", "on", "be", "by", "this", "are", "or", "from", "at", "which"]
+_WORDS = ["proxy", "mailbox", "octet", "greeting", "banner", "capability", "session", "upstream", "client", "server", "stuffing", "dot", "terminator", "message", "header", "body", "attachment", "transport", "layer", "security", "certificate", "handshake", "pipeline", "command", "response", "line", "length", "retrieve", "delete", "quit", "status", "list", "unique", "identifier", "the", "a", "of", "and", "to", "in", "is", "that", "for", "it", "as", "with", "on", "be", "by", "this", "are", "or", "from", "at", "which"]  # noqa: E501
 
 
 def small_message(rng: random.Random, index: int) -> bytes:
@@ -248,7 +248,7 @@ class Bench:
             outcome = Outcome(error=f"{type(error).__name__}: {error}"[:300])
             traceback.print_exc(file=sys.stderr)
         time.sleep(0.2)  # closed sessions end and are reaped: their CPU time is counted
-        return outcome, [a - b for a, b in zip(snapshot(), before)]
+        return outcome, [a - b for a, b in zip(snapshot(), before, strict=True)]
 
     def record(self, workload: str, target: Target, rounds: list[tuple[Outcome, list[float]]]) -> None:
         """The table cell: the best round (or the first failure). CPU times are the mean per round;

@@ -43,6 +43,7 @@ TLS_MODES: Final = ("none", "starttls", "implicit")
 TLS_VERSIONS: Final = ("1.2", "1.3")
 ENDPOINT_TYPES: Final = ("tcp", "tcp6", "unix", "systemd")
 LOGIN_PLACEHOLDERS: Final = ("user", "local", "domain")
+USER_CASES: Final = ("lower", "preserve")
 DEFAULT_PROXY_FROM: Final = ("127.0.0.1/32", "::1/128")
 DEFAULT_LOGIN_TIMEOUT: Final = 60.0
 DEFAULT_IDLE_TIMEOUT: Final = 600.0  # RFC 1939 §3: an autologout timer "MUST be of at least 10 minutes"
@@ -156,6 +157,8 @@ class UpstreamConfig:
     def login_name(self, user: str) -> str:
         """The name to send upstream for ``user``, by the ``login_as`` template.
 
+        ``user`` is the session's normalised identity (``RoutingConfig.normalise``), so the
+        placeholders get the normalised name too.
         ``{local}`` and ``{domain}`` split at the *last* ``@`` (``a@b@c`` -> ``a@b`` and ``c``),
         the same split that routing uses. Without an ``@``, ``{local}`` is the whole name and
         ``{domain}`` is empty, so the result can be empty: callers must refuse an empty name.
@@ -166,19 +169,50 @@ class UpstreamConfig:
         return self.login_as.format(user=user, local=local, domain=domain)
 
 
+def _normalise_user(user: str, user_case: str) -> str:
+    """``user`` as the session's one identity, by a ``user_case`` of ``USER_CASES``.
+
+    ``"lower"``: ``str.lower`` of the whole name (not ``casefold``: Dovecot's ``%Lu`` lowercases).
+    ``"preserve"``: the name as sent, except that the domain after the last ``@`` is lowercased,
+    since domains are case-insensitive (DNS). Both are idempotent.
+    """
+    if user_case == "lower":
+        return user.lower()
+    if user_case != "preserve":
+        raise ValueError(f"unknown user_case {user_case!r}")
+    local, at, domain = user.rpartition("@")
+    return f"{local}@{domain.lower()}" if at else user
+
+
 @dataclass(frozen=True, slots=True)
 class RoutingConfig:
-    """Which upstream serves which user (``[routing]``)."""
+    """Which upstream serves which user (``[routing]``).
+
+    ``users`` holds exact names already normalised by ``user_case``, ``domains`` lowercase domains
+    without their ``@``.
+    """
 
     default: str | None
     users: Mapping[str, str]
     domains: Mapping[str, str]
+    user_case: str = "lower"
+
+    def normalise(self, user: str) -> str:
+        """The session's one identity for the name ``user`` a client logged in with.
+
+        Routing, per-user limits, hooks' ``users``, logs, audit records and the name sent upstream
+        (``login_as``) all use this, so that one mailbox is one user however its name is typed.
+        ``"lower"``: ``user.lower()``; ``"preserve"``: the name as sent with its domain (after the
+        last ``@``) lowercased.
+        """
+        return _normalise_user(user, self.user_case)
 
     def route(self, user: str) -> str | None:
-        """The upstream name for ``user``, or None to refuse the login.
+        """The upstream name for the normalised ``user``, or None to refuse the login.
 
-        Precedence: the exact user name (case-sensitive, as POP3 servers treat it), then the
-        domain after the last ``@`` (case-insensitive, as DNS is), then ``default``.
+        Precedence: the exact user name (``users``' keys are normalised at load time, so pass
+        ``normalise(name)``), then the domain after the last ``@`` (case-insensitive, as DNS is),
+        then ``default``.
         """
         if user in self.users:
             return self.users[user]
@@ -201,6 +235,7 @@ class LimitsConfig:
     login_timeout: float = DEFAULT_LOGIN_TIMEOUT  # connect to logged in
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # client silence in TRANSACTION
     tls_handshake_timeout: float = 30.0  # a TLS handshake, either leg
+    proxy_header_timeout: float = 10.0  # a "haproxy:" listener's PROXY protocol header
     upstream_timeout: float = 120.0  # an upstream answer that does not start or stalls
     max_sessions: int = 1000  # at once, in all
     max_sessions_per_ip: int = 20  # at once, per client address (IPv6: per /64)
@@ -208,6 +243,8 @@ class LimitsConfig:
     max_pipelined: int = 64  # commands a client may have waiting for answers
     max_buffered: int = 65536  # octets of a client's unhandled input before its socket is paused
     upstream_max_line: int = 1048576  # octets of one line in an upstream's multi-line answer
+    max_listing: int = 8 * 1024 * 1024  # octets of the LIST answer, and of the UIDL one, read at login
+    message_cache: int = 64 * 1024 * 1024  # octets of hook-processed messages kept for TOP-then-RETR, all sessions
     max_bad_commands: int = 10  # over-long, unknown or out-of-state commands before disconnect
     max_login_failures: int = 3  # per connection, then disconnect
     login_failure_delay: float = 1.0  # after the first failure; doubled for each further one
@@ -224,12 +261,14 @@ class HookOptions:
     Third-party hooks use the same getters.
     """
 
-    def __init__(self, data: dict[str, object], key: str, path: Path) -> None:
+    def __init__(self, data: dict[str, object], key: str, path: Path, user_case: str = "lower") -> None:
         self._table = _Table(data, key, path, tuple(data))
         self._read: set[str] = set()
         self.key = key
         #: the configuration file, which relative paths are resolved against
         self.config_path = path
+        #: ``[routing] user_case``, for hooks that list user names of their own (``normalise_user``)
+        self.user_case = user_case
 
     def __contains__(self, name: str) -> bool:
         return name in self._table.data
@@ -241,6 +280,11 @@ class HookOptions:
 
     def error(self, name: str, reason: str) -> ConfigError:
         return self._table.error(name, reason)
+
+    def normalise_user(self, entry: str) -> str:
+        """A user name (or ``@domain``) the hook lists, normalised as sessions' users are, so that
+        comparing it with a session's user is exact (``@domain`` entries: lowercase)."""
+        return _normalise_entry(entry, self.user_case)
 
     def _take(self, name: str, kind: type | tuple[type, ...], default: Any) -> Any:
         self._read.add(name)
@@ -286,7 +330,7 @@ class HookOptions:
 
     def path(self, name: str, default: Any = _REQUIRED) -> Path | None:
         """A path that need not exist yet (a folder or file to write), relative to the config's folder."""
-        value = self._take(name, str, default)
+        value: str | None = self._take(name, str, default)
         if value is None:
             return None
         if not value:
@@ -300,7 +344,7 @@ class HookOptions:
         for index, item in enumerate(value):
             if not isinstance(item, dict):
                 raise self.error(f"{name}[{index}]", f"must be a table, not {_toml_type(item)}")
-            result.append(HookOptions(item, f"{self.key}.{name}[{index}]", self.config_path))
+            result.append(HookOptions(item, f"{self.key}.{name}[{index}]", self.config_path, self.user_case))
         return result
 
     def finish(self) -> None:
@@ -316,7 +360,8 @@ class HookConfig:
 
     :ivar use: a built-in hook name, an entry point name (group ``popproxy.hooks``) or ``module:attr``.
     :ivar name: how the hook is called in logs and verdicts (default: ``use``); unique.
-    :ivar users: user names and ``@domain`` entries the hook applies to; empty means everyone.
+    :ivar users: user names and ``@domain`` entries the hook applies to; empty means everyone. Names
+        are normalised by ``[routing] user_case`` at load time, domains lowercased.
     :ivar timeout: seconds a message hook may take over one message.
     :ivar on_error: ``"pass"`` delivers the message as it stood before the hook; ``"refuse"`` answers
         ``-ERR [SYS/TEMP]`` so that the client leaves the message on the server.
@@ -342,13 +387,17 @@ class HookConfig:
         )
 
     def applies_to(self, user: str) -> bool:
-        """Exact user names match as written, ``@domain`` entries case-insensitively."""
+        """Whether the hook applies to the normalised ``user`` (``RoutingConfig.normalise``).
+
+        User entries, normalised at load time, must equal ``user``; ``@domain`` entries match the
+        domain after the last ``@`` case-insensitively.
+        """
         if not self.users:
             return True
         _, at, domain = user.rpartition("@")
         for entry in self.users:
             if entry.startswith("@"):
-                if at and domain.lower() == entry[1:].lower():
+                if at and domain.lower() == entry[1:]:
                     return True
             elif entry == user:
                 return True
@@ -400,10 +449,10 @@ def parse_config(text: str, path: Path) -> ProxyConfig:
     listeners = _listeners(root, path.parent)
     upstreams = _upstreams(root, path.parent)
     routing = _routing(
-        _Table(root.take("routing", dict, {}), "routing", path, ("default", "users")), upstreams
+        _Table(root.take("routing", dict, {}), "routing", path, ("default", "user_case", "users")), upstreams
     )
     limits = _limits(_Table(root.take("limits", dict, {}), "limits", path, _LIMIT_KEYS))
-    hooks = _hooks(root)
+    hooks = _hooks(root, routing.user_case)  # after [routing]: hooks' users are normalised by its user_case
     return ProxyConfig(path, listeners, MappingProxyType(upstreams), routing, limits, hooks)
 
 
@@ -569,7 +618,9 @@ def _routing(t: _Table, upstreams: Mapping[str, UpstreamConfig]) -> RoutingConfi
     default = t.take("default", str, None)
     if default is not None:
         check_target("routing.default", default)
+    user_case = _choice(t, "user_case", USER_CASES, "lower")
     users: dict[str, str] = {}
+    user_keys: dict[str, str] = {}
     domains: dict[str, str] = {}
     domain_keys: dict[str, str] = {}
     for name, target in t.take("users", dict, {}).items():
@@ -580,7 +631,16 @@ def _routing(t: _Table, upstreams: Mapping[str, UpstreamConfig]) -> RoutingConfi
             )
         target = check_target(key, target)
         if not name.startswith("@"):
-            users[name] = target
+            user = _normalise_user(name, user_case)
+            if user in users:
+                raise ConfigError(
+                    t.path,
+                    key,
+                    f"same user as {user_keys[user]!r} once normalised to {user!r} "
+                    f'(user_case = "{user_case}")',
+                )
+            users[user] = target
+            user_keys[user] = name
             continue
         domain = name[1:].lower()
         if not domain or "@" in domain:
@@ -593,7 +653,7 @@ def _routing(t: _Table, upstreams: Mapping[str, UpstreamConfig]) -> RoutingConfi
         domain_keys[domain] = name
     if default is None and not users and not domains:
         raise ConfigError(t.path, "routing", "no routes: set routing.default or add [routing.users] entries")
-    return RoutingConfig(default, MappingProxyType(users), MappingProxyType(domains))
+    return RoutingConfig(default, MappingProxyType(users), MappingProxyType(domains), user_case)
 
 
 DEFAULT_HOOK_TIMEOUT: Final = 10.0
@@ -602,7 +662,7 @@ HOOK_ERROR_POLICIES: Final = ("pass", "refuse")
 _HOOK_KEYS: Final = ("use", "name", "users", "timeout", "on_error", "max_size")
 
 
-def _hooks(root: _Table) -> tuple[HookConfig, ...]:
+def _hooks(root: _Table, user_case: str) -> tuple[HookConfig, ...]:
     tables = root.take("hook", list, [])
     hooks: list[HookConfig] = []
     for index, table in enumerate(tables):
@@ -622,7 +682,7 @@ def _hooks(root: _Table) -> tuple[HookConfig, ...]:
         for entry_key, entry in _strings(t, "users") if "users" in common else []:
             if not entry or entry == "@" or any(c.isspace() for c in entry):
                 raise t.error(entry_key, f"must be a user name or @domain, not {entry!r}")
-            users.append(entry)
+            users.append(_normalise_entry(entry, user_case))
         max_size = t.take("max_size", int, DEFAULT_HOOK_MAX_SIZE)
         if max_size < 1:
             raise t.error("max_size", f"must be a number of octets greater than 0, not {max_size}")
@@ -635,10 +695,16 @@ def _hooks(root: _Table) -> tuple[HookConfig, ...]:
                 timeout=_seconds(t, "timeout", DEFAULT_HOOK_TIMEOUT),
                 on_error=_choice(t, "on_error", HOOK_ERROR_POLICIES, "pass"),
                 max_size=max_size,
-                options=HookOptions(own, key, root.path),
+                options=HookOptions(own, key, root.path, user_case),
             )
         )
     return tuple(hooks)
+
+
+def _normalise_entry(entry: str, user_case: str) -> str:
+    """A hook's ``users`` entry as sessions' users are compared: ``@domain`` lowercased, a user name
+    normalised by ``user_case``."""
+    return entry.lower() if entry.startswith("@") else _normalise_user(entry, user_case)
 
 
 _LIMIT_KEYS: Final = tuple(f.name for f in fields(LimitsConfig))

@@ -22,6 +22,7 @@ from twisted.internet import protocol
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from .config import ConfigError
 from .pki import CertificateAuthority, write_private
@@ -105,7 +106,9 @@ def instructions(config_path: Path, ca_file: Path, state: Path) -> str:
             f'  keep fetchall mda "cat >> {mbox}"\n'
         )
         os.chmod(rc, 0o600)
-        lines.append(f"  FETCHMAILHOME={os.path.relpath(state)} fetchmail -f {os.path.relpath(rc)} -v   # then: less {os.path.relpath(mbox)}")
+        lines.append(
+            f"  FETCHMAILHOME={os.path.relpath(state)} fetchmail -f {os.path.relpath(rc)} -v   # then: less {os.path.relpath(mbox)}"
+        )
     lines += ["", "Logs follow. Ctrl-C stops the demo.", ""]
     return "\n".join(lines)
 
@@ -122,7 +125,7 @@ class _Twistd(protocol.ProcessProtocol):
 
     errReceived = outReceived
 
-    def processEnded(self, reason: Any) -> None:
+    def processEnded(self, reason: Failure) -> None:
         self.status = getattr(reason.value, "exitCode", None)
         self.ended.callback(None)
         if self.reactor.running:

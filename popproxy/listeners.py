@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IAddress, IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from zope.interface import implementer
 from twisted.protocols.haproxy import proxyEndpoint
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
 
 from .config import ConfigError, ListenerConfig, ProxyConfig
 from .tls import ServerTLS
@@ -38,7 +37,7 @@ class AllowedPeersFactory(Factory):
     def doStop(self) -> None:
         self._wrapped.doStop()
 
-    def buildProtocol(self, addr: IAddress) -> Protocol | None:
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
         host = getattr(addr, "host", None)
         if host is not None and not self._listener.allows_proxy_peer(host):
             log.warn(
@@ -47,7 +46,9 @@ class AllowedPeersFactory(Factory):
                 peer_host=host,
             )
             return None
-        return self._wrapped.buildProtocol(addr)  # type: ignore[return-value]
+        # Twisted's Factory takes IAddress | None and returns a Protocol; IProtocolFactory takes an IAddress and
+        # returns an IProtocol.
+        return self._wrapped.buildProtocol(addr)  # type: ignore[arg-type,return-value]
 
 
 @implementer(IStreamServerEndpoint)
@@ -65,7 +66,7 @@ class AllowedPeersEndpoint:
 def listening_endpoint(reactor: object, listener: ListenerConfig) -> IStreamServerEndpoint:
     """The endpoint for ``listener``: its own string, behind a peer filter and the PROXY-header reader
     when it starts with ``haproxy:``."""
-    endpoint = serverFromString(reactor, listener.inner_endpoint)
+    endpoint: IStreamServerEndpoint = serverFromString(reactor, listener.inner_endpoint)
     if listener.haproxy:
         endpoint = proxyEndpoint(AllowedPeersEndpoint(endpoint, listener))
     return endpoint

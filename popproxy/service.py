@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import signal
+from collections.abc import Callable
+from types import FrameType
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
@@ -19,6 +21,7 @@ from .protocol.client import SessionSettings
 from .protocol.connector import UpstreamConnector
 from .protocol.factory import ProxyFactory
 from .protocol.guard import Guard
+from .protocol.mailbox import MessageCache
 from .tls import ServerTLS
 
 log = Logger()
@@ -36,7 +39,7 @@ class ProxyService(MultiService):
 
     #: install a SIGHUP handler (twistd); tests that build services in-process turn it off
     handle_signals = True
-    _previous_hup: object = None
+    _previous_hup: Callable[[int, FrameType | None], object] | int | None = None
 
     def __init__(self, config: ProxyConfig, reactor: IReactorTime, connector: UpstreamConnector | None = None,
                  *, handle_signals: bool = True) -> None:
@@ -52,11 +55,14 @@ class ProxyService(MultiService):
         self.connector = connector
         self.hooks = build_hooks(config)
         self.guard = Guard(config.limits, reactor)
+        # Processed messages for TOP-then-RETR: one bound for the whole proxy, not one per session.
+        self.cache = MessageCache(config.limits.message_cache)
         for listener in config.listeners:
             server_tls = ServerTLS.from_listener(listener, config.path) if listener.tls != "none" else None
             if server_tls is not None:
                 self.server_tls[listener.key] = server_tls
-            factory = ProxyFactory(SessionSettings(listener, config, server_tls, connector, reactor, self.hooks, self.guard))
+            factory = ProxyFactory(SessionSettings(listener, config, server_tls, connector, reactor, self.hooks, self.guard,
+                                                      self.cache))
             self.factories.append(factory)
             listener_service(reactor, listener, factory, server_tls).setServiceParent(self)
         expiry = TimerService(EXPIRY_CHECK_INTERVAL, self.warn_expiring_certificates)
@@ -66,7 +72,7 @@ class ProxyService(MultiService):
 
     def warn_expiring_certificates(self) -> None:
         """Log a warning for each listener certificate that expires within ``EXPIRY_WARNING``."""
-        now = datetime.datetime.fromtimestamp(self.reactor.seconds(), datetime.timezone.utc)
+        now = datetime.datetime.fromtimestamp(self.reactor.seconds(), datetime.UTC)
         for key, server_tls in self.server_tls.items():
             for path, not_after in server_tls.expiring(EXPIRY_WARNING, now):
                 log.warn(
@@ -127,6 +133,7 @@ class ProxyService(MultiService):
         retired = tuple(old for old in self.hooks if all(old is not k for k in kept))
         self.config, self.hooks = config, hooks
         self.guard.reconfigure(config.limits)
+        self.cache.limit = config.limits.message_cache
         self.connector.response_timeout = config.limits.upstream_timeout
         self.connector.max_body_line = config.limits.upstream_max_line
         live: list[Deferred[None]] = []
@@ -153,7 +160,7 @@ class ProxyService(MultiService):
         without QUIT upstream, so that nothing is deleted that a client did not ask to delete."""
         if self.handle_signals and self._previous_hup is not None:
             signal.signal(signal.SIGHUP, self._previous_hup)
-        stopped: Deferred[None] = super().stopService()  # type: ignore[assignment]
+        stopped: Deferred[None] = super().stopService()
         sessions = [session for factory in self.factories for session in factory.sessions]
         if sessions:
             log.info("stopping: {count} session(s) get {grace}s to finish", count=len(sessions),
@@ -168,8 +175,8 @@ class ProxyService(MultiService):
                 session.shut_down()
 
         drained.addErrback(force)
-        drained.addCallback(lambda _: _close_hooks(self.hooks))
-        return gatherResults([stopped, drained]).addCallback(lambda _: None)
+        closed = drained.addCallback(lambda _: _close_hooks(self.hooks))  # drained itself, now a Deferred[None]
+        return gatherResults([stopped, closed]).addCallback(lambda _: None)
 
 
 def _close_hooks(hooks: tuple[BuiltHook, ...]) -> None:

@@ -71,4 +71,4 @@ def makeService(options: Options) -> IService:
 
     from .service import ProxyService
 
-    return ProxyService(options.config, reactor)  # type: ignore[arg-type]
+    return ProxyService(options.config, reactor)

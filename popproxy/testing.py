@@ -27,6 +27,8 @@ from .protocol.client import ClientProtocol, SessionSettings
 from .protocol.connector import UpstreamConnector
 from .protocol.factory import ProxyFactory
 from .protocol.guard import Guard
+from .protocol.interfaces import LegTransport
+from .protocol.mailbox import MessageCache
 
 
 @dataclass
@@ -47,6 +49,8 @@ class FakePOP3Server(Protocol):
 
     Behaviour is set on its ``FakePOP3Factory``.
     """
+
+    transport: LegTransport  # type: ignore[assignment]  # set by makeConnection
 
     def __init__(self, factory: FakePOP3Factory) -> None:
         self.factory = factory
@@ -110,8 +114,9 @@ class FakePOP3Server(Protocol):
 
     def _pass(self, args: tuple[bytes, ...], rest: bytes) -> bytes:
         mailbox = self.factory.mailboxes.get(self._user_name or b"")
-        if self.factory.login_answer is not None:
-            return self.factory.login_answer
+        answer: bytes | None = self.factory.login_answer
+        if answer is not None:
+            return answer
         if mailbox is None or mailbox.password != rest:
             return err("Authentication failed", "AUTH")
         self._mailbox = mailbox
@@ -162,7 +167,8 @@ class FakePOP3Server(Protocol):
     def _stat(self, args: tuple[bytes, ...], rest: bytes) -> bytes:
         if self._mailbox is None:
             return err("not logged in")
-        sizes = [len(self._mailbox.messages[self._visible[n - 1]] or b"") for n in range(1, len(self._visible) + 1) if n not in self._deleted]
+        sizes = [len(self._mailbox.messages[self._visible[n - 1]] or b"")
+                 for n in range(1, len(self._visible) + 1) if n not in self._deleted]
         return ok(f"{len(sizes)} {sum(sizes)}")
 
     def _list(self, args: tuple[bytes, ...], rest: bytes) -> bytes:
@@ -179,7 +185,7 @@ class FakePOP3Server(Protocol):
         found = self._message(args)
         if isinstance(found, bytes):
             return found
-        n, message = found
+        _, message = found
         answer = ok(f"{len(message)} octets") + wire_body(message)
         if self.factory.cut_retr_after is not None:
             # Fault injection: the upstream dies part-way through the message.
@@ -266,6 +272,8 @@ class FakePOP3Factory(Factory):
 class RecordingClient(Protocol):
     """The client end of an in-memory session: collects what the proxy sends."""
 
+    transport: LegTransport  # type: ignore[assignment]  # set by makeConnection
+
     def __init__(self) -> None:
         self.received = bytearray()
         self.lost = False
@@ -309,9 +317,10 @@ class MemoryProxy:
                                            config.limits.upstream_max_line)
         self.hooks = build_hooks(config) if hooks is None else hooks
         self.guard = Guard(config.limits, self.clock)
+        self.cache = MessageCache(config.limits.message_cache)
         self.factory = ProxyFactory(
             SessionSettings(config.listeners[listener_index], config, server_tls, self.connector, self.clock,
-                            self.hooks, self.guard)
+                            self.hooks, self.guard, self.cache)
         )
         self.refuse: set[Address] = set()
 

@@ -15,7 +15,7 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 import idna
 from cryptography import x509
@@ -38,6 +38,7 @@ from .config import ConfigError, ListenerConfig, ProxyConfig, UpstreamConfig
 
 if TYPE_CHECKING:  # exported at run time as twisted.internet.ssl.IOpenSSLTrustRoot, untyped there
     from twisted.internet._sslverify import IOpenSSLTrustRoot
+    from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 __all__ = ["ServerTLS", "check_tls", "client_tls", "load_certificate_file", "tls_facts"]
 
@@ -203,10 +204,10 @@ class ServerTLS:
         ]
         loaded = [
             (path, *load_certificate_file(path, key, config_path, now=now))
-            for key, path in zip(keys, listener.certificates)
+            for key, path in zip(keys, listener.certificates, strict=True)
         ]
         certificates = _CertificateSet(loaded, _MINIMUM_VERSIONS[listener.tls_min_version])
-        for key, entry in zip(keys, certificates.served):
+        for key, entry in zip(keys, certificates.served, strict=True):
             try:
                 entry.options.getContext()
             except SSL.Error as error:
@@ -217,7 +218,7 @@ class ServerTLS:
         """Serve ``new``'s certificates from the next handshake on (SIGHUP)."""
         self._certificates = new._certificates
 
-    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+    def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         """Start a handshake with the default certificate; the SNI callback may switch it."""
         return self._certificates.served[0].options.serverConnectionForTLS(tlsProtocol)
 
@@ -300,7 +301,7 @@ def _trust_root(ca: Path, key: str, config_path: Path) -> IOpenSSLTrustRoot:
     except ValueError:
         raise ConfigError(config_path, key, f"{ca}: no PEM certificates found") from None
     certificates = [Certificate.loadPEM(root.public_bytes(serialization.Encoding.PEM)) for root in roots]
-    return trustRootFromCertificates(certificates)  # type: ignore[no-untyped-call,no-any-return]
+    return trustRootFromCertificates(certificates)  # type: ignore[no-any-return]
 
 
 @implementer(IOpenSSLClientConnectionCreator)
@@ -315,7 +316,7 @@ class _UnverifiedClientTLS:
         self._options = options
         self._sni = None if _is_ip(server_name) else _sni_bytes(server_name)
 
-    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         connection = self._options.clientConnectionForTLS(tlsProtocol)
         if self._sni:
             connection.set_tlsext_host_name(self._sni)

@@ -13,10 +13,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from support.dovecot import DOVECOT, DovecotServer, MailUser
-from support.mailbox import corpus
 
 from popproxy.pki import CertificateAuthority, IssuedCertificate
+
+from support.dovecot import DOVECOT, DovecotServer, MailUser
+from support.mailbox import corpus
 
 # --- 1. Certificates -------------------------------------------------------------------------------
 

@@ -16,7 +16,6 @@ import pytest
 import pytest_twisted
 from hypothesis import given
 from hypothesis import strategies as st
-from support.configs import PREAMBLE
 from twisted.internet.defer import succeed
 
 from popproxy.config import ConfigError, parse_config
@@ -30,6 +29,8 @@ from popproxy.hooks.interfaces import (
 )
 from popproxy.hooks.pipeline import ordered, run_message_hooks
 from popproxy.hooks.registry import build_hooks
+
+from support.configs import PREAMBLE
 
 MESSAGE = b"From: a@example.net\r\nSubject: s\r\n\r\n.a line with a dot\r\nbody\r\n"
 NAME = re.compile(r"(\d+)\.M(\d{1,6})P(\d+)Q(\d+)\.([^/:,]+),S=(\d+)")

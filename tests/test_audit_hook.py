@@ -15,6 +15,7 @@ from popproxy.config import ConfigError
 from popproxy.hooks.registry import build_hooks
 from popproxy.pop3.wire import unstuff_body
 from popproxy.testing import MemoryProxy, RecordingClient
+
 from support.configs import proxy_config
 
 MESSAGES = [

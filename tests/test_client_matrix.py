@@ -43,9 +43,10 @@ from pathlib import Path
 import pytest
 
 from popproxy.pki import CertificateAuthority, write_private
+
 from support.configs import _table
-from support.fetchmail import FetchmailRun, fetchmail_poll, sent_commands
 from support.dovecot import DovecotServer, MailUser
+from support.fetchmail import FetchmailRun, fetchmail_poll, sent_commands
 from support.mailbox import CRLF, corpus, to_lf
 from support.pop3client import RawPOP3, open_poplib, retrieve, sha256
 from support.proxyproc import ProxyProcess, free_port
@@ -289,7 +290,7 @@ def test_fetchmail(matrix: Matrix, listener: str, upstream: str, uidl: bool, tmp
         assert "Subject CommonName: localhost" in run.transcript
         assert "verify_ok == 0" not in run.transcript
     assert len(run.delivered) == count, run.transcript
-    for number, (got, expected) in enumerate(zip(run.delivered, user.messages), start=1):
+    for number, (got, expected) in enumerate(zip(run.delivered, user.messages, strict=True), start=1):
         assert sha256(got) == sha256(to_lf(expected)), f"message {number}"
 
 
@@ -301,7 +302,7 @@ def test_fetchmail_adds_received_unless_invisible(matrix: Matrix, tmp_path: Path
                         cafile=matrix.cafile, invisible=False)
     assert run.returncode == 0, run.transcript
     assert len(run.delivered) == len(user.messages)
-    for number, (got, expected) in enumerate(zip(run.delivered, user.messages), start=1):
+    for number, (got, expected) in enumerate(zip(run.delivered, user.messages, strict=True), start=1):
         assert got.startswith(b"Received: from localhost"), f"message {number}"
         _, _, rest = got.partition(b"\n")
         while rest[:1] in (b" ", b"\t"):  # the header's continuation lines

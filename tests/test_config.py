@@ -193,7 +193,27 @@ def test_defaults(conf_dir: Path) -> None:
     assert upstream.server_name == "mail.internal"
     assert upstream.login_as == "{user}"
     assert config.limits == LimitsConfig(login_timeout=60.0, idle_timeout=600.0)
+    assert (config.limits.proxy_header_timeout, config.limits.message_cache, config.limits.max_listing) == (
+        10.0,
+        67108864,
+        8388608,
+    )
     assert config.routing == RoutingConfig(default="legacy", users={}, domains={})
+    assert config.routing.user_case == "lower"
+
+
+def test_new_limits_and_user_case_take_valid_values(conf_dir: Path) -> None:
+    text = config_text(
+        routing={"user_case": '"preserve"'},
+        extra="[limits]\nproxy_header_timeout = 3\nmessage_cache = 1048576\nmax_listing = 65536",
+    )
+    config = parse(text, conf_dir)
+    assert config.limits == LimitsConfig(proxy_header_timeout=3.0, message_cache=1048576, max_listing=65536)
+    assert isinstance(config.limits.proxy_header_timeout, float)
+    assert config.routing.user_case == "preserve"
+    assert parse(config_text(routing={"user_case": '"lower"'}), conf_dir).routing.user_case == "lower"
+    fractional = parse(config_text(extra="[limits]\nproxy_header_timeout = 0.5"), conf_dir)
+    assert fractional.limits.proxy_header_timeout == 0.5
 
 
 def test_integer_seconds_become_floats(conf_dir: Path) -> None:
@@ -258,6 +278,15 @@ def test_the_example_configuration_loads(tmp_path: Path) -> None:
     assert any(len(listener.certificates) > 1 for listener in config.listeners)
     assert config.routing.route("someone@example.net") == "hosted"
     assert config.routing.route("someone@elsewhere.org") == "legacy"
+    assert config.routing.route(config.routing.normalise("Boss@Example.ORG")) == "hosted"
+
+
+def test_the_example_configuration_documents_every_limit_and_user_case() -> None:
+    text = EXAMPLE.read_text(encoding="utf-8")
+    for spec in dataclasses.fields(LimitsConfig):
+        assert f"\n{spec.name} = " in text and f"# {spec.name} (default " in text, spec.name
+    assert '\nuser_case = "lower"' in text and '# user_case (default "lower")' in text
+    assert "# Memory." in text
 
 
 # --- failing configurations: exact key, meaningful reason --------------------------------------------
@@ -723,6 +752,45 @@ CASES = [
     ("routing-no-routes", config_text(routing={"default": None}), "routing", "no routes"),
     ("routing-missing", config_text().replace('[routing]\ndefault = "legacy"', ""), "routing", "no routes"),
     (
+        "user-case-unknown",
+        config_text(routing={"user_case": '"upper"'}),
+        "routing.user_case",
+        'must be one of "lower", "preserve", not string \'upper\'',
+    ),
+    (
+        "user-case-casefold",
+        config_text(routing={"user_case": '"casefold"'}),
+        "routing.user_case",
+        'must be one of "lower", "preserve"',
+    ),
+    (
+        "user-case-not-string",
+        config_text(routing={"user_case": "true"}),
+        "routing.user_case",
+        "not boolean True",
+    ),
+    (
+        "user-case-typo",
+        config_text(routing={"usercase": '"lower"'}),
+        "routing.usercase",
+        "did you mean 'user_case'",
+    ),
+    (
+        "route-users-collide-when-lowered",
+        config_text(extra='[routing.users]\n"User177" = "legacy"\n"user177" = "legacy"'),
+        "routing.users.user177",
+        "same user as 'User177' once normalised to 'user177' (user_case = \"lower\")",
+    ),
+    (
+        "route-users-collide-by-domain-when-preserved",
+        config_text(
+            routing={"user_case": '"preserve"'},
+            extra='[routing.users]\n"Alice@Example.org" = "legacy"\n"Alice@example.ORG" = "legacy"',
+        ),
+        "routing.users.Alice@example.ORG",
+        "same user as 'Alice@Example.org' once normalised to 'Alice@example.org' (user_case = \"preserve\")",
+    ),
+    (
         "routing-users-not-table",
         config_text(routing={"users": '"legacy"'}),
         "routing.users",
@@ -796,6 +864,72 @@ CASES = [
         config_text(extra='[limits]\nidle_timeout = "600"'),
         "limits.idle_timeout",
         "must be a number, not",
+    ),
+    (
+        "proxy-header-timeout-zero",
+        config_text(extra="[limits]\nproxy_header_timeout = 0"),
+        "limits.proxy_header_timeout",
+        "must be a number of seconds greater than 0, not 0",
+    ),
+    (
+        "proxy-header-timeout-negative",
+        config_text(extra="[limits]\nproxy_header_timeout = -1.5"),
+        "limits.proxy_header_timeout",
+        "must be a number of seconds greater than 0, not -1.5",
+    ),
+    (
+        "proxy-header-timeout-string",
+        config_text(extra='[limits]\nproxy_header_timeout = "10"'),
+        "limits.proxy_header_timeout",
+        "must be a number, not string '10'",
+    ),
+    (
+        "proxy-header-timeout-inf",
+        config_text(extra="[limits]\nproxy_header_timeout = inf"),
+        "limits.proxy_header_timeout",
+        "greater than 0",
+    ),
+    (
+        "message-cache-negative",
+        config_text(extra="[limits]\nmessage_cache = -1"),
+        "limits.message_cache",
+        "must be a whole number of at least 1, not -1",
+    ),
+    (
+        "message-cache-zero",
+        config_text(extra="[limits]\nmessage_cache = 0"),
+        "limits.message_cache",
+        "must be a whole number of at least 1, not 0",
+    ),
+    (
+        "message-cache-float",
+        config_text(extra="[limits]\nmessage_cache = 1048576.0"),
+        "limits.message_cache",
+        "must be an integer, not float 1048576.0",
+    ),
+    (
+        "message-cache-bool",
+        config_text(extra="[limits]\nmessage_cache = true"),
+        "limits.message_cache",
+        "must be an integer, not boolean True",
+    ),
+    (
+        "max-listing-negative",
+        config_text(extra="[limits]\nmax_listing = -8388608"),
+        "limits.max_listing",
+        "must be a whole number of at least 1, not -8388608",
+    ),
+    (
+        "max-listing-string",
+        config_text(extra='[limits]\nmax_listing = "8 MiB"'),
+        "limits.max_listing",
+        "must be an integer, not string '8 MiB'",
+    ),
+    (
+        "max-listing-typo",
+        config_text(extra="[limits]\nmax_listings = 1"),
+        "limits.max_listings",
+        "did you mean 'max_listing'",
     ),
     # syntax
     ("toml-syntax", config_text(extra="[limits\n"), "-", "TOML syntax error"),
@@ -881,6 +1015,97 @@ def test_domain_keys_are_stored_lowercase_without_at(conf_dir: Path) -> None:
     assert config.routing.route("x@example.org") == "legacy"
 
 
+@pytest.mark.parametrize(
+    ("user_case", "user", "expected"),
+    [
+        ("lower", "Alice@Example.ORG", "alice@example.org"),
+        ("lower", "USER177", "user177"),
+        ("lower", "Straße", "straße"),  # str.lower, not casefold ("strasse"), as Dovecot's %Lu
+        ("lower", "\u0130", "\u0130".lower()),
+        ("lower", "", ""),
+        ("preserve", "Alice@Example.ORG", "Alice@example.org"),  # the domain is case-insensitive
+        ("preserve", "A@B@C.Example", "A@B@c.example"),  # the domain is after the last "@"
+        ("preserve", "Alice", "Alice"),
+        ("preserve", "Alice@", "Alice@"),
+        ("preserve", "@Example.ORG", "@example.org"),
+        ("preserve", "", ""),
+    ],
+)
+def test_normalise(user_case: str, user: str, expected: str) -> None:
+    assert routing(user_case=user_case).normalise(user) == expected
+
+
+def test_normalise_defaults_to_lower() -> None:
+    assert routing().user_case == "lower"
+    assert routing().normalise("Bob@Example.org") == "bob@example.org"
+
+
+@given(st.sampled_from(["lower", "preserve"]), st.text())
+def test_normalise_is_idempotent(user_case: str, user: str) -> None:
+    config = routing(user_case=user_case)
+    once = config.normalise(user)
+    assert config.normalise(once) == once
+    assert once.lower() == user.lower()
+
+
+def test_routing_user_keys_are_normalised_lower(conf_dir: Path) -> None:
+    config = parse(
+        config_text(extra='[routing.users]\n"User177" = "legacy"\n"Boss@Example.ORG" = "legacy"'), conf_dir
+    )
+    assert dict(config.routing.users) == {"user177": "legacy", "boss@example.org": "legacy"}
+    assert config.routing.route(config.routing.normalise("user177")) == "legacy"
+    assert config.routing.route(config.routing.normalise("USER177")) == "legacy"
+    assert config.routing.route(config.routing.normalise("BOSS@example.org")) == "legacy"
+
+
+def test_routing_user_keys_under_preserve_keep_the_local_part(conf_dir: Path) -> None:
+    text = config_text(
+        upstream={"address": '"a:110"'},
+        routing={"user_case": '"preserve"', "default": None},
+        extra='[routing.users]\n"User177@Example.ORG" = "legacy"\n"user177" = "legacy"\n"User177" = "legacy"',
+    )
+    config = parse(text, conf_dir)
+    assert dict(config.routing.users) == {
+        "User177@example.org": "legacy",
+        "user177": "legacy",
+        "User177": "legacy",
+    }
+    assert config.routing.route(config.routing.normalise("User177@EXAMPLE.org")) == "legacy"
+    assert config.routing.route(config.routing.normalise("USER177@example.org")) is None
+    assert config.routing.route(config.routing.normalise("USER177")) is None
+
+
+HOOK_USERS = '[[hook]]\nuse = "audit-log"\nusers = ["Alice", "@Example.ORG", "Bob@Example.NET", "carol@x@Y.org"]\n'
+
+
+@pytest.mark.parametrize(
+    ("user_case", "expected"),
+    [
+        ("lower", ("alice", "@example.org", "bob@example.net", "carol@x@y.org")),
+        ("preserve", ("Alice", "@example.org", "Bob@example.net", "carol@x@y.org")),
+    ],
+)
+def test_hook_users_are_normalised_by_user_case(conf_dir: Path, user_case: str, expected: tuple[str, ...]) -> None:
+    config = parse(config_text(routing={"user_case": f'"{user_case}"'}, extra=HOOK_USERS), conf_dir)
+    (hook,) = config.hooks
+    assert hook.users == expected
+    assert hook.options.user_case == user_case
+    normalise = config.routing.normalise
+    for sent in ("Alice", "someone@EXAMPLE.org", "Bob@EXAMPLE.net", "carol@x@Y.ORG"):
+        assert hook.applies_to(normalise(sent)), sent
+    assert not hook.applies_to(normalise("someone@example.net"))
+    assert not hook.applies_to(normalise("alicE@elsewhere.org"))
+    assert hook.applies_to(normalise("BOB@example.net")) is (user_case == "lower")
+    assert hook.applies_to(normalise("ALICE")) is (user_case == "lower")
+
+
+def test_hook_users_default_to_lower(conf_dir: Path) -> None:
+    config = parse(config_text(extra=HOOK_USERS), conf_dir)  # [routing] without user_case
+    assert config.hooks[0].users[0] == "alice"
+    assert config.hooks[0].options.normalise_user("Dave@Example.ORG") == "dave@example.org"
+    assert config.hooks[0].options.normalise_user("@Example.ORG") == "@example.org"
+
+
 def upstream(login_as: str) -> UpstreamConfig:
     return UpstreamConfig("u", (Address("h", 110),), "none", 10.0, True, None, "h", login_as)
 
@@ -916,6 +1141,19 @@ def test_login_name_split_round_trips(user: str) -> None:
     domain = upstream("{domain}").login_name(user)
     assert (f"{local}@{domain}" if "@" in user else local) == user
     assert "@" not in domain
+
+
+@pytest.mark.parametrize(
+    ("user_case", "login_as", "sent", "expected"),
+    [
+        ("lower", "{user}", "Alice@Example.ORG", "alice@example.org"),
+        ("lower", "{local}", "Alice@Example.ORG", "alice"),
+        ("preserve", "{local}", "Alice@Example.ORG", "Alice"),
+        ("preserve", "{domain}", "Alice@Example.ORG", "example.org"),
+    ],
+)
+def test_login_name_of_the_normalised_user(user_case: str, login_as: str, sent: str, expected: str) -> None:
+    assert upstream(login_as).login_name(routing(user_case=user_case).normalise(sent)) == expected
 
 
 @given(st.text())

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from popproxy.demo import demo_messages
+
 from support.proxyproc import free_port
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterable
 
 import pytest
+
 from support.dovecot import DovecotServer, MailUser
 from support.mailbox import KINDS, LARGE_ATTACHMENT_BYTES, corpus, message_id
 

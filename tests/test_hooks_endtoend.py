@@ -74,7 +74,7 @@ def _login(port: int) -> poplib.POP3:
 
 
 def test_sizes_agree_in_list_stat_retr_and_top(chain: tuple[ProxyProcess, int, MailUser, Path]) -> None:
-    proxy, port, user, _ = chain
+    _proxy, port, user, _ = chain
     client = _login(port)
     try:
         count, total = client.stat()
@@ -98,7 +98,7 @@ def test_sizes_agree_in_list_stat_retr_and_top(chain: tuple[ProxyProcess, int, M
         parsed = email.message_from_bytes(mime)
         assert parsed["Subject"] == "[checked] Links inside" and parsed["X-Checked"] == "yes"
         assert b"hxxp://example.com/a" in mime and b"http://example.com" not in mime
-        attachment = [part for part in parsed.walk() if part.get_filename() == "x.bin"][0]
+        attachment = next(part for part in parsed.walk() if part.get_filename() == "x.bin")
         assert attachment.get_payload(decode=True) == bytes(range(256)) * 8
     finally:
         client.quit()
@@ -106,7 +106,7 @@ def test_sizes_agree_in_list_stat_retr_and_top(chain: tuple[ProxyProcess, int, M
 
 @pytest.mark.parametrize("uidl", [True, False], ids=["fetchmail-top", "fetchmail-retr"])
 def test_fetchmail_gets_what_poplib_gets(chain: tuple[ProxyProcess, int, MailUser, Path], tmp_path: Path, uidl: bool) -> None:
-    proxy, port, user, _ = chain
+    _proxy, port, user, _ = chain
     client = _login(port)
     expected = [retrieve(client, n) for n in range(1, len(user.messages) + 1)]
     client.quit()
@@ -120,7 +120,7 @@ def test_fetchmail_gets_what_poplib_gets(chain: tuple[ProxyProcess, int, MailUse
 
 
 def test_audit_log_records_scanning_and_hashes(chain: tuple[ProxyProcess, int, MailUser, Path]) -> None:
-    proxy, port, user, audit = chain
+    _proxy, port, user, audit = chain
     client = _login(port)
     first = retrieve(client, 1)
     last = retrieve(client, len(user.messages))

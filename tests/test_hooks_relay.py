@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-import support.samplehooks as samplehooks
 from popproxy.config import ConfigError
 from popproxy.hooks.pipeline import FILLER_MIN
 from popproxy.hooks.registry import build_hooks
 from popproxy.pop3.wire import unstuff_body
 from popproxy.testing import MemoryProxy, RecordingClient, wire_body
+
+import support.samplehooks as samplehooks
 from support.configs import proxy_config
 
 MESSAGES = [
@@ -99,7 +100,7 @@ def test_top_is_cut_from_the_rewritten_message_and_cached(tmp_path: Path) -> Non
     client = login(proxy)
     fake = proxy.upstreams["main"]
     top = say(proxy, client, b"TOP 2 1\r\n")
-    announced, whole = retr(say(proxy, client, b"RETR 2\r\n"))
+    _announced, whole = retr(say(proxy, client, b"RETR 2\r\n"))
     head, _, body = whole.partition(b"\r\n\r\n")
     assert unstuff_body(top.partition(b"\r\n")[2]) == head + b"\r\n\r\n" + body.split(b"\r\n")[0] + b"\r\n"
     # The upstream was asked for the whole message once, with TOP, and never with RETR.

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import signal
 import socket
-import ssl
 import time
 from pathlib import Path
 
 from popproxy.pki import CertificateAuthority, write_private
 from popproxy.testing import MemoryProxy, RecordingClient
+
 from support.configs import proxy_config
 from support.dovecot import DovecotServer, MailUser
 from support.pop3client import RawPOP3, tls_context

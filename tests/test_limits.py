@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from popproxy.protocol.client import AUTH_FAILED
 from popproxy.protocol.guard import Guard, address_key
 from popproxy.testing import MemoryProxy, RecordingClient
+
 from support.configs import proxy_config
 
 MESSAGES = [b"Subject: one\r\n\r\nfirst\r\n", b"Subject: two\r\n\r\nsecond\r\n"]
@@ -91,39 +90,72 @@ def test_guard_table_is_bounded_and_keeps_live_sessions(tmp_path: Path) -> None:
 
 # -- failed logins -----------------------------------------------------------------------------------
 
+def answer_after(proxy: MemoryProxy, client: RecordingClient, data: bytes) -> tuple[float, bytes]:
+    """Send ``data`` (USER and PASS), then let time pass until the answer to PASS comes: how long it
+    took, and the answer."""
+    client.send(data)
+    proxy.pump()
+    start = proxy.clock.seconds()
+    answer = client.take()
+    assert answer.startswith(b"+OK\r\n")  # USER's
+    answer = answer[len(b"+OK\r\n") :]
+    while not answer:
+        proxy.clock.advance(0.125)
+        proxy.pump()
+        answer = client.take()
+    return proxy.clock.seconds() - start, answer
+
+
 def test_failed_logins_are_delayed_more_each_time_then_disconnected(tmp_path: Path) -> None:
+    """The penalty is paid before the upstream is asked: the first guess is free, each later one on
+    the connection waits twice as long, and the third failure ends the connection."""
     proxy = make(tmp_path, "login_failure_delay = 1.0\n")
     client = greeted(proxy)
+    fake = proxy.upstreams["main"]
     timings = []
-    for attempt in range(3):
-        client.send(b"USER alice\r\nPASS wrong\r\n")
-        proxy.pump()
-        assert client.take() == b"+OK\r\n"  # USER; the answer to PASS waits
-        start = proxy.clock.seconds()
-        while not client.received:
-            proxy.clock.advance(0.125)
-            proxy.pump()
-        timings.append(proxy.clock.seconds() - start)
-        assert client.take() == AUTH_FAILED
-    assert timings == [1.0, 2.0, 4.0]
+    for _attempt in range(3):
+        asked = fake.received.count(b"PASS wrong")
+        elapsed, answer = answer_after(proxy, client, b"USER alice\r\nPASS wrong\r\n")
+        timings.append(elapsed)
+        assert answer == AUTH_FAILED
+        assert fake.received.count(b"PASS wrong") == asked + 1
+    assert timings == [0.0, 1.0, 2.0]
     assert client.lost
 
 
-def test_unknown_user_and_wrong_password_look_alike(tmp_path: Path) -> None:
+def test_penalty_applies_before_the_upstream_is_asked(tmp_path: Path) -> None:
+    """From a penalised address nothing reaches the upstream before the delay is over, whatever the
+    password: no answer inside the delay tells a guesser anything."""
     proxy = make(tmp_path, "login_failure_delay = 1.0\n")
-    answers = []
-    for peer, user in (("192.0.2.10", b"alice"), ("192.0.2.11", b"nobody")):
+    first = greeted(proxy, "192.0.2.20")
+    assert answer_after(proxy, first, b"USER alice\r\nPASS wrong\r\n")[1] == AUTH_FAILED
+    fake = proxy.upstreams["main"]
+    client = greeted(proxy, "192.0.2.20")
+    client.send(b"USER alice\r\nPASS alice-pw\r\n")
+    proxy.pump()
+    assert client.take() == b"+OK\r\n"
+    connections = fake.connections
+    proxy.clock.advance(0.999)
+    proxy.pump()
+    assert client.take() == b"" and fake.connections == connections
+    proxy.clock.advance(0.001)
+    proxy.pump()
+    assert client.take() == b"+OK Logged in.\r\n"
+
+
+def test_unknown_user_wrong_and_right_password_take_the_same_time(tmp_path: Path) -> None:
+    """From an address with one failure behind it, an unknown user, a wrong password and the right
+    one all wait the same second before anything is decided; the two failures look alike."""
+    proxy = make(tmp_path, "login_failure_delay = 1.0\n")
+    results = []
+    for n, (user, password) in enumerate(((b"alice", b"wrong"), (b"nobody", b"wrong"), (b"alice", b"alice-pw"))):
+        peer = f"192.0.2.{30 + n}"
+        warmup = greeted(proxy, peer)
+        answer_after(proxy, warmup, b"USER alice\r\nPASS wrong\r\n")
+        say(proxy, warmup, b"QUIT\r\n")
         client = greeted(proxy, peer)
-        client.send(b"USER " + user + b"\r\nPASS wrong\r\n")
-        proxy.pump()
-        client.take()
-        proxy.clock.advance(0.999)
-        proxy.pump()
-        assert client.take() == b""
-        proxy.clock.advance(0.001)
-        proxy.pump()
-        answers.append(client.take())
-    assert answers == [AUTH_FAILED, AUTH_FAILED]
+        results.append(answer_after(proxy, client, b"USER " + user + b"\r\nPASS " + password + b"\r\n"))
+    assert results == [(1.0, AUTH_FAILED), (1.0, AUTH_FAILED), (1.0, b"+OK Logged in.\r\n")]
 
 
 def test_failures_from_one_address_carry_over_to_new_connections(tmp_path: Path) -> None:
@@ -131,14 +163,15 @@ def test_failures_from_one_address_carry_over_to_new_connections(tmp_path: Path)
     for _ in range(2):
         client = greeted(proxy)
         client.send(b"USER alice\r\nPASS wrong\r\n")
+        proxy.pump()
         proxy.clock.advance(10)
         proxy.pump()
     client = greeted(proxy)
     client.send(b"USER alice\r\nPASS wrong\r\n")
     proxy.pump()
-    proxy.clock.advance(3.9)
+    proxy.clock.advance(1.9)
     proxy.pump()
-    assert client.take() == b"+OK\r\n"  # third failure from this address: 4 s, not 1 s
+    assert client.take() == b"+OK\r\n"  # two failures from this address: 2 s, not 0
     proxy.clock.advance(0.1)
     proxy.pump()
     assert client.take() == AUTH_FAILED

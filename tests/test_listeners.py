@@ -4,11 +4,11 @@ UNIX sockets. Upstream: the real Dovecot."""
 from __future__ import annotations
 
 import socket
-import ssl
 import time
 from pathlib import Path
 
 from popproxy.pki import CertificateAuthority, write_private
+
 from support.dovecot import DovecotServer
 from support.pop3client import RawPOP3, tls_context
 from support.proxyproc import ProxyProcess, free_port

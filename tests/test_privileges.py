@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from popproxy.pki import CertificateAuthority
+
 from support.dovecot import DovecotServer
 from support.pop3client import RawPOP3, tls_context
 from support.proxyproc import ProxyProcess

@@ -15,7 +15,6 @@ import pytest
 import pytest_twisted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support.configs import PREAMBLE
 from twisted.internet.defer import Deferred
 
 from popproxy.config import ConfigError, parse_config
@@ -29,6 +28,8 @@ from popproxy.hooks.mimesplice import Part, fold_field, parse, splice, walk
 from popproxy.hooks.pipeline import ordered
 from popproxy.hooks.registry import build_hooks
 from popproxy.hooks.rewrite import THREAD_AT, RewriteHook, RewriteTooLarge
+
+from support.configs import PREAMBLE
 
 CONFIG_PATH = Path("/etc/popproxy/popproxy.toml")
 

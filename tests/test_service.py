@@ -11,11 +11,12 @@ from twisted.logger import globalLogPublisher
 
 from popproxy.pki import write_private
 from popproxy.service import ProxyService
+
 from support.configs import proxy_config, shared_ca
 
 
 def test_expiring_certificate_warns_at_start_and_daily(tmp_path: Path) -> None:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     soon = write_private(tmp_path / "soon.pem", shared_ca().issue(["localhost"], not_after=now + datetime.timedelta(days=10)).combined_pem)
     later = write_private(tmp_path / "later.pem", shared_ca().issue(["localhost"]).combined_pem)
     config = proxy_config(

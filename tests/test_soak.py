@@ -76,6 +76,7 @@ from popproxy.pop3.wire import unstuff_body
 from popproxy.protocol.client import ClientProtocol
 from popproxy.protocol.upstream import UpstreamProtocol
 from popproxy.service import ProxyService
+
 from support.dovecot import DovecotServer, MailUser
 from support.mailbox import corpus
 from support.proxyproc import free_port
@@ -583,7 +584,7 @@ class Round:
 
 def client_main(job_path: str, report_path: str) -> None:
     """The child process: run one round's clients, write the report."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192) if hard != resource.RLIM_INFINITY else 8192, hard))
     job: Job = pickle.loads(Path(job_path).read_bytes())
     report = Round(job).run()

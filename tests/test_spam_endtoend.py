@@ -60,7 +60,10 @@ class BadBackend:
 
 
 FAULTS = ("down", "slow", "garbage")
-GARBAGE = {"spamassassin": b"SPAMD/1.1 0 EX_OK\r\nSpam: maybe; x / y\r\n\r\n", "rspamd": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nnope!"}
+GARBAGE = {
+    "spamassassin": b"SPAMD/1.1 0 EX_OK\r\nSpam: maybe; x / y\r\n\r\n",
+    "rspamd": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nnope!",
+}
 
 
 class Chain:

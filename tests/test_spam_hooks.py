@@ -14,9 +14,6 @@ import pytest
 import pytest_twisted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support.configs import PREAMBLE
-from support.rspamd import GTUBE_ACTIONS, RspamdServer
-from support.spamd import GTUBE, SpamdServer, free_port
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.endpoints import TCP4ServerEndpoint
@@ -43,6 +40,10 @@ from popproxy.hooks.spamheaders import (
     SpamMarkupError,
     SpamSummary,
 )
+
+from support.configs import PREAMBLE
+from support.rspamd import GTUBE_ACTIONS, RspamdServer
+from support.spamd import GTUBE, SpamdServer, free_port
 
 CONFIG_PATH = Path("/etc/popproxy/popproxy.toml")
 

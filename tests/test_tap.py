@@ -12,6 +12,7 @@ from twisted.plugin import getPlugins
 
 from popproxy import tap
 from popproxy.service import ProxyService
+
 from support.configs import proxy_config, write_certificate
 from support.proxyproc import ProxyProcess, free_port, twistd
 
@@ -80,10 +81,10 @@ def test_twistd_check_good_config(tmp_path: Path) -> None:
     ("body", "key", "reason"),
     [
         ('[[listen]]\nendpoint = "ssl:995"\ntls = "none"\n[upstream.a]\naddress = "h:1"\ntls = "none"\n', "listen[0].endpoint", "ssl"),
-        ('[[listen]]\nendpoint = "tcp:110"\ntls = "none"\ncolour = "blue"\n[upstream.a]\naddress = "h:1"\ntls = "none"\n', "listen[0]", "colour"),
-        ('[[listen]]\nendpoint = "tcp:110"\ntls = "none"\n[upstream.a]\naddress = "h:1"\ntls = "none"\n[routing]\ndefault = "b"\n', "routing.default", "b"),
-        ('[[listen]]\nendpoint = "tcp:110"\ntls = "starttls"\ncertificate = "missing.pem"\n[upstream.a]\naddress = "h:1"\ntls = "none"\n', "listen[0].certificate", "missing.pem"),
-        ('[[listen]]\nendpoint = "tcp:bogus"\ntls = "none"\n[upstream.a]\naddress = "h:1"\ntls = "none"\n[routing]\ndefault = "a"\n', "listen[0].endpoint", "endpoint"),
+        ('[[listen]]\nendpoint = "tcp:110"\ntls = "none"\ncolour = "blue"\n[upstream.a]\naddress = "h:1"\ntls = "none"\n', "listen[0]", "colour"),  # noqa: E501
+        ('[[listen]]\nendpoint = "tcp:110"\ntls = "none"\n[upstream.a]\naddress = "h:1"\ntls = "none"\n[routing]\ndefault = "b"\n', "routing.default", "b"),  # noqa: E501
+        ('[[listen]]\nendpoint = "tcp:110"\ntls = "starttls"\ncertificate = "missing.pem"\n[upstream.a]\naddress = "h:1"\ntls = "none"\n', "listen[0].certificate", "missing.pem"),  # noqa: E501
+        ('[[listen]]\nendpoint = "tcp:bogus"\ntls = "none"\n[upstream.a]\naddress = "h:1"\ntls = "none"\n[routing]\ndefault = "a"\n', "listen[0].endpoint", "endpoint"),  # noqa: E501
     ],
 )
 def test_twistd_check_bad_configs(tmp_path: Path, body: str, key: str, reason: str) -> None:

@@ -25,6 +25,7 @@ from popproxy.config import load_config
 from popproxy.pki import CertificateAuthority, IssuedCertificate
 from popproxy.service import ProxyService
 from popproxy.testing import FakePOP3Factory, wire_body
+
 from support.pop3client import RawPOP3
 from support.proxyproc import free_port
 
@@ -129,7 +130,7 @@ def assert_no_credentials(fake: FakePOP3Factory) -> None:
 @pytest_twisted.ensureDeferred
 async def test_verified_upstream_tls_relays(tmp_path: Path, ca: CertificateAuthority, leaf: IssuedCertificate,
                                             upstream_tls: str, events: list[dict[str, Any]]) -> None:
-    answers, fake = await run(tmp_path, ca, upstream_tls, leaf, LOGIN + [(b"RETR 1", True), (b"QUIT", False)])
+    answers, _fake = await run(tmp_path, ca, upstream_tls, leaf, LOGIN + [(b"RETR 1", True), (b"QUIT", False)])
     assert answers[2] == b"+OK Logged in.\r\n"
     assert answers[3] == b"+OK %d octets\r\n" % len(MESSAGE) + wire_body(MESSAGE)
     ended = [e for e in events if e.get("event") == "session_ended" and e.get("user") == "alice"][-1]
@@ -143,7 +144,7 @@ async def test_verified_upstream_tls_relays(tmp_path: Path, ca: CertificateAutho
 async def test_unverifiable_upstream_gets_no_credentials(
     tmp_path: Path, ca: CertificateAuthority, upstream_tls: str, problem: str, events: list[dict[str, Any]]
 ) -> None:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     if problem == "untrusted":
         leaf = CertificateAuthority.create("someone else's CA").issue(["localhost", "127.0.0.1"])
     elif problem == "wrong name":

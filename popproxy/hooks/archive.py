@@ -204,7 +204,7 @@ class ArchiveHook:
                     created = True
                 except FileExistsError:
                     if not folder.is_dir():
-                        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+                        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder)) from None
             if created:  # make the new folders' names durable too
                 _sync_folder(self.base)
                 _sync_folder(maildir)

@@ -46,11 +46,11 @@ from .interfaces import Delivery, IHookFactory, ISessionHook, SessionFacts, Verd
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _verdict(verdict: Verdict) -> dict[str, Any]:
-    record = {"hook": verdict.hook}
+    record: dict[str, Any] = {"hook": verdict.hook}
     for key in ("spam", "score", "threshold", "action"):
         value = getattr(verdict, key)
         if value is not None:

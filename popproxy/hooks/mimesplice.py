@@ -311,7 +311,7 @@ def fold_field(name: str, value: str) -> bytes:
     """
     if not _FIELD.fullmatch(name.encode("utf-8") + b":") or any(c in name for c in " \t"):
         raise ValueError(f"{name!r} is not a header field name (printable ASCII, no colon or space)")
-    if any(ord(c) < 32 and c != "\t" or ord(c) == 127 for c in value):
+    if any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in value):
         raise ValueError("the value holds a line break or control character")
     if value.isascii():
         lines = [f"{name}:"]

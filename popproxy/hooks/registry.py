@@ -46,6 +46,12 @@ class BuiltHook:
     def is_session_hook(self) -> bool:
         return ISessionHook.providedBy(self.hook)
 
+    @property
+    def wants_uidls(self) -> bool:
+        """Whether this session hook wants the mailbox's UIDLs (read with LIST at login); declared
+        on ``ISessionHook`` as an optional attribute, ``False`` when absent."""
+        return self.is_session_hook and bool(getattr(self.hook, "wants_uidls", False))
+
 
 def _load(reference: str) -> Any:
     module_name, _, attribute = reference.partition(":")
@@ -78,7 +84,8 @@ def find_factory(config: HookConfig, config_path: Any) -> Any:
             config_path, f"{config.key}.use", f"cannot load {reference!r}: {type(error).__name__}: {error}"
         ) from None
     if isinstance(factory, type) and IHookFactory.implementedBy(factory):
-        factory = factory()
+        # mypy-zope narrows the class to type[IHookFactory] and takes the call for an adaptation.
+        factory = factory()  # type: ignore[call-arg]
     if not IHookFactory.providedBy(factory):
         raise ConfigError(config_path, f"{config.key}.use", f"{reference!r} does not provide IHookFactory")
     return factory

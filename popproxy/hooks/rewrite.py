@@ -520,7 +520,7 @@ def _subject_prefix(t: HookOptions) -> str | None:
         return None
     if not prefix.strip():
         raise t.error("subject_prefix", "must not be empty")
-    if any(ord(c) < 32 and c != "\t" or ord(c) == 127 for c in prefix):
+    if any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in prefix):
         raise t.error("subject_prefix", "must not hold line breaks or control characters")
     if not prefix.isascii() and len(encoded_word(prefix)) > 75:  # RFC 2047 §2
         raise t.error("subject_prefix", "is too long to be one RFC 2047 encoded-word (75 characters)")

@@ -49,6 +49,7 @@ from collections.abc import Sequence
 from typing import Any, Final, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
@@ -196,6 +197,10 @@ def _reason(error: BaseException) -> str:
 class _BodyReader(Protocol):
     """Collects a response body, at most ``limit`` octets of it, and fires ``finished``."""
 
+    # IResponse.deliverBody connects it to a TransportProxyProducer: an IPushProducer, not the
+    # ITransport that Protocol declares.
+    transport: IPushProducer | None  # type: ignore[assignment]
+
     def __init__(self, finished: Deferred[bytes], limit: int, where: str) -> None:
         self._finished = finished
         self._limit = limit
@@ -253,7 +258,7 @@ class _BytesProducer:
         self._data = data
         self.length = len(data)
 
-    def startProducing(self, consumer: Any) -> Deferred[None]:
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
         consumer.write(self._data)
         return succeed(None)
 

@@ -41,6 +41,7 @@ from typing import Any, Final
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.error import ConnectingCancelledError
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -214,6 +215,9 @@ class SpamcProtocol(Protocol):
     aborts the connection.
     """
 
+    # A TCP or UNIX connection: both provide ITCPTransport (abortConnection), not just ITransport.
+    transport: ITCPTransport | None
+
     def __init__(self, request: bytes, where: str) -> None:
         self._request = request
         self._where = where
@@ -299,7 +303,8 @@ class SpamAssassinHook:
                 tests = sorted_tests(row.name for row in table)
                 # spamd lists rules of equal score in no stable order: sort, so that the same
                 # message always gets the same bytes (and a fetcher that compares sees no change).
-                report = tuple(sorted(table, key=lambda row: (-row.score, row.name)))
+                ranked = sorted(table, key=lambda row: (-row.score, row.name))
+                report = tuple(ranked)
             else:  # a site's own report template: its text goes in as it is, the names come apart
                 text = answer.body.decode("utf-8", "replace").replace("\r\n", "\n").split("\n")
                 report = tuple(line for line in text if line.strip())

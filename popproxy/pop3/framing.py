@@ -11,11 +11,14 @@ Two readers, one per direction:
 
 from __future__ import annotations
 
+import re
+from collections import deque
 from typing import Protocol
 
 from .wire import CRLF
 
 TERMINATOR = b"\r\n.\r\n"
+_OCTETS = re.compile(rb"^\+OK (\d+) octets")
 
 
 class LineTooLong:
@@ -34,12 +37,17 @@ class CommandLines:
     Lines end with LF; a CR before it is dropped. Lines are handed out one at a time by
     ``next_line`` so that the caller can stop in the middle of a packet (pipelined commands while a
     login is in flight, STLS) and leave the rest buffered or throw it away.
+
+    Linear time: the search for a line feed resumes where the last one stopped, so a line arriving
+    one byte at a time is scanned once, and deleting a consumed prefix of a ``bytearray`` costs no
+    copy of the rest (CPython moves the buffer's start).
     """
 
     def __init__(self, max_length: int) -> None:
         #: longest accepted line, terminator included (RFC 2449 §4 counts the CRLF)
         self.max_length = max_length
         self._buffer = bytearray()
+        self._scanned = 0  # octets at the front of the buffer known to hold no line feed
         self._discarding = False
 
     def feed(self, data: bytes) -> None:
@@ -48,37 +56,52 @@ class CommandLines:
     def next_line(self) -> bytes | LineTooLong | None:
         """The next complete line, ``TOO_LONG`` once per over-long line, or None for "need more"."""
         while True:
-            end = self._buffer.find(b"\n")
+            end = self._buffer.find(b"\n", self._scanned)
             if self._discarding:
                 if end == -1:
                     self._buffer.clear()
+                    self._scanned = 0
                     return None
-                del self._buffer[: end + 1]
+                self._consume(end + 1)
                 self._discarding = False
                 continue
             if end == -1:
                 if len(self._buffer) >= self.max_length:
                     # Report now, not at the line's end, which may never come.
                     self._buffer.clear()
+                    self._scanned = 0
                     self._discarding = True
                     return TOO_LONG
+                self._scanned = len(self._buffer)
                 return None
             if end + 1 > self.max_length:
-                del self._buffer[: end + 1]
+                self._consume(end + 1)
                 return TOO_LONG
             line = bytes(self._buffer[:end])
-            del self._buffer[: end + 1]
+            self._consume(end + 1)
             return line[:-1] if line.endswith(b"\r") else line
+
+    def _consume(self, count: int) -> None:
+        del self._buffer[:count]
+        self._scanned = 0
 
     def clear(self) -> bytes:
         """Throw away whatever is buffered and return it (STLS: RFC 2595 §4 injection defence)."""
         pending = bytes(self._buffer)
         self._buffer.clear()
+        self._scanned = 0
         self._discarding = False
         return pending
 
     def __len__(self) -> int:
         return len(self._buffer)
+
+
+def body_limit(status: bytes) -> int | None:
+    """The most octets a body may have: twice what ``+OK n octets`` announced (stuffing and CRLF
+    can add, but never double it), plus room for small messages; None without an announcement."""
+    match = _OCTETS.match(status)
+    return 2 * int(match.group(1)) + 65536 if match else None
 
 
 class ResponseHandler(Protocol):
@@ -128,6 +151,11 @@ class ResponseReader:
     ``pause()`` stops delivery at the next boundary (the rest stays buffered) until ``resume()``;
     ``take_buffer()`` removes whatever has not been delivered yet (upstream STLS: anything after the
     ``+OK`` was sent in plain text and must not be believed, RFC 2595 §4).
+
+    Linear time whatever the chunking: received chunks are queued as they are, never joined; each
+    octet is looked at once by the line search or the terminator scan, and copied at most once (when
+    a body chunk is cut at its terminator). Only a status line split across chunks is assembled, and
+    that is bounded by ``max_line_length``. ``pending`` is what the owner uses to bound the queue.
     """
 
     def __init__(self, handler: ResponseHandler, max_line_length: int = 8192,
@@ -141,17 +169,18 @@ class ResponseReader:
         self.body_limit: int | None = None
         self._body_size = 0
         self._line_run = 0
-        self._buffer = b""
-        self._offset = 0
+        self._chunks: deque[bytes] = deque()
+        self._offset = 0  # octets of ``_chunks[0]`` already delivered
+        self._queued = 0  # octets in ``_chunks`` not delivered yet
+        self._partial = b""  # the start of a status line whose end has not arrived
         self._body: BodyScanner | None = None
         self._paused = False
         self._broken = False
 
     def feed(self, data: bytes) -> None:
-        if self._offset:
-            self._buffer = self._buffer[self._offset :]
-            self._offset = 0
-        self._buffer = self._buffer + data if self._buffer else data
+        if data and not self._broken:
+            self._chunks.append(data)
+            self._queued += len(data)
         self._deliver()
 
     def pause(self) -> None:
@@ -162,8 +191,11 @@ class ResponseReader:
         self._deliver()
 
     def take_buffer(self) -> bytes:
-        pending = self._buffer[self._offset :]
-        self._buffer, self._offset = b"", 0
+        """Remove and return everything received and not delivered."""
+        pending = self._partial + b"".join(self._chunks)[self._offset :]
+        self._chunks.clear()
+        self._offset = self._queued = 0
+        self._partial = b""
         return pending
 
     @property
@@ -173,20 +205,26 @@ class ResponseReader:
     @property
     def pending(self) -> int:
         """Octets received and not delivered yet."""
-        return len(self._buffer) - self._offset
+        return self._queued + len(self._partial)
 
     @property
     def in_body(self) -> bool:
         return self._body is not None
 
+    def _advance(self, count: int) -> None:
+        self._offset += count
+        self._queued -= count
+        if self._offset == len(self._chunks[0]):
+            self._chunks.popleft()
+            self._offset = 0
+
     def _deliver(self) -> None:
-        # Status lines are consumed by moving an offset, so that thousands of pipelined answers in one
-        # chunk cost one pass, not one copy of the rest of the chunk each.
-        while self._offset < len(self._buffer) and not self._paused and not self._broken:
+        while self._chunks and not self._paused and not self._broken:
+            chunk = self._chunks[0]
             if self._body is not None:
-                self._deliver_body()
-            elif not self._deliver_status():
-                return
+                self._deliver_body(chunk[self._offset :] if self._offset else chunk)
+            else:
+                self._deliver_status(chunk)
 
     def _within_limits(self, data: bytes) -> bool:
         """Count ``data`` against the body's limits; False (and the stream broken) past one."""
@@ -200,43 +238,46 @@ class ResponseReader:
             return False
         return True
 
-    def _deliver_body(self) -> None:
+    def _deliver_body(self, data: bytes) -> None:
         assert self._body is not None
-        data = self._buffer[self._offset :] if self._offset else self._buffer
-        self._buffer, self._offset = b"", 0
         end = self._body.feed(data)
         if end == -1:
+            self._advance(len(data))
             if self._within_limits(data):
                 self._handler.body_received(data)
             return
         self._body = None
-        self._buffer = data
-        self._offset = end
-        self._handler.body_received(data[:end])
+        self._advance(end)
+        self._handler.body_received(data[:end] if end < len(data) else data)
         self._handler.body_ended()
 
-    def _deliver_status(self) -> bool:
-        """Deliver one status line; False if there is none complete yet (or the stream broke)."""
+    def _deliver_status(self, chunk: bytes) -> None:
+        """Deliver one status line, or move an incomplete one into ``_partial``."""
         start = self._offset
-        end = self._buffer.find(b"\n", start)
+        end = chunk.find(b"\n", start)
         if end == -1:
-            if len(self._buffer) - start > self._max_line_length:
+            if len(self._partial) + len(chunk) - start > self._max_line_length:
                 self._break()
-            return False
-        if end + 1 - start > self._max_line_length:
+                return
+            self._partial += chunk[start:]
+            self._advance(len(chunk) - start)
+            return
+        if len(self._partial) + end + 1 - start > self._max_line_length:
             self._break()
-            return False
-        line = self._buffer[start : end + 1]
-        self._offset = end + 1
+            return
+        line = self._partial + chunk[start : end + 1]
+        self._partial = b""
+        self._advance(end + 1 - start)
         if not line.endswith(CRLF):
             line = line[:-1] + CRLF
         self.body_limit = None
         if self._handler.status_received(line):
             self._body = BodyScanner()
             self._body_size = self._line_run = 0
-        return True
 
     def _break(self) -> None:
         self._broken = True
-        self._buffer, self._offset = b"", 0
+        self._chunks.clear()
+        self._offset = self._queued = 0
+        self._partial = b""
         self._handler.line_too_long()

@@ -1,44 +1,68 @@
-"""The client leg: one POP3 session as the client sees it.
+"""The client leg: glue between one client connection, its upstream, and the session machine.
 
-Before login the proxy is the server: it greets, answers CAPA, STLS, USER, PASS, AUTH, NOOP and QUIT
-itself, and opens no upstream connection until it holds credentials. After login it relays every
-command it knows the framing of to the upstream chosen for the user and passes the answers back byte
-for byte, in order, with back-pressure both ways.
+``ClientProtocol`` owns no decision. It turns what Twisted tells it (bytes, hang-ups, a full write
+buffer, a login's result, a timer, a hook's verdict) into inputs of the session machine
+(``machine.SessionMachine``), and carries out the machine's effects on the transports, the upstream
+connector, the reactor's clock and the hook pipeline. What only a connection can know stays here:
+admission against the proxy-wide limits, the PROXY-protocol header, TLS facts, logging with the
+session's fields, and the session-hook events.
 """
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from ..config import ListenerConfig, ProxyConfig
 from ..hooks.events import SessionEvents
-from ..hooks.interfaces import SessionFacts
-from ..pop3.framing import TOO_LONG, CommandLines
-from ..pop3.wire import (
-    MAX_COMMAND_LINE,
-    Command,
-    err,
-    ok,
-    parse_command,
+from ..hooks.interfaces import MessageContext, MessageFacts, SessionFacts
+from ..hooks.pipeline import run_message_hooks
+from ..hooks.registry import BuiltHook
+from ..pop3.wire import err
+from ..tls import ServerTLS, tls_facts
+from .connector import LoggedIn, UpstreamConnector
+from .flow import LegProducer
+from .guard import Guard
+from .interfaces import LegTransport
+from .machine import (
+    AUTH_FAILED,
+    TLS_REQUIRED,
+    UPSTREAM_DOWN,
+    AbortClient,
+    AbortUpstream,
+    CancelLogin,
+    CancelTimer,
+    CloseClient,
+    CloseUpstream,
+    Effect,
+    HookPlan,
+    Leg,
+    Log,
+    Login,
+    MachineSettings,
+    Notify,
+    PauseReading,
+    ResumeReading,
+    RunHooks,
+    Send,
+    SessionMachine,
+    SetTimer,
+    StartTLS,
+    State,
+    Timer,
+    Write,
 )
-from ..tls import tls_facts
-from .authorization import AUTH_FAILED, TLS_REQUIRED, UPSTREAM_DOWN, Authorization
-from .flow import PauseGate
-from .hooked import TransactionHooks
-from .responses import AnswerQueue
-from .state import SHUTTING_DOWN, SessionSettings, State
-from .transaction import Transaction
-from .upstream import (
-    UpstreamProtocol,
-    set_no_delay,
-)
+from .mailbox import MessageCache
+from .upstream import UpstreamProtocol, UpstreamRefused, UpstreamUnavailable, describe, set_no_delay
 
 __all__ = ["AUTH_FAILED", "TLS_REQUIRED", "UPSTREAM_DOWN", "ClientProtocol", "SessionSettings", "State"]
 
@@ -47,84 +71,118 @@ TOO_MANY_SESSIONS = err("Too many sessions, try again later.", "SYS/TEMP")
 CLOSE_TIMEOUT = 5.0
 
 
-class ClientProtocol(Authorization, Transaction, Protocol):
-    """One client session. ``on_closed`` is called once, when the session is over.
+@dataclass(frozen=True)
+class SessionSettings:
+    """Everything a session needs from the outside world, fixed when it starts (a reload changes the
+    settings for new sessions only)."""
 
-    The state-specific halves live in ``authorization`` and ``transaction``; this class holds what
-    every state shares: I/O, timers, limits, logging and the end of the session.
-    """
+    listener: ListenerConfig
+    config: ProxyConfig
+    server_tls: ServerTLS | None
+    connector: UpstreamConnector
+    clock: IReactorTime
+    hooks: tuple[BuiltHook, ...] = ()
+    guard: Guard | None = None
+    #: processed messages for TOP-then-RETR, shared by every session of the proxy
+    cache: MessageCache | None = None
+    plan: HookPlan = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "plan", hook_plan(self.hooks))
+
+
+def hook_plan(hooks: tuple[BuiltHook, ...]) -> HookPlan:
+    """What sessions need to know about ``hooks``, worked out once per configuration."""
+    events = SessionEvents(hooks)
+    session_hooks = [built for built in hooks if built.is_session_hook]
+    listing = [built for built in session_hooks if built.wants_uidls]
+    return HookPlan(
+        hooks=hooks,
+        report_deliveries=bool(events),
+        report_commands=bool(events),
+        wanted_headers=frozenset(events.wanted_headers),
+        wants_listing=lambda user: any(built.config.applies_to(user) for built in listing),
+    )
+
+
+def peer_fields(address: IAddress | None) -> tuple[str, int]:
+    """``(host, port)`` of a peer address, for logs and limits (a UNIX socket has its path)."""
+    if isinstance(address, (IPv4Address, IPv6Address)):
+        return address.host, address.port
+    if isinstance(address, UNIXAddress):
+        return str(address.name or ""), 0
+    return str(address), 0
+
+
+class ClientProtocol(Protocol):
+    """One client session. ``on_closed`` is called once, when the session is over."""
 
     log = Logger()
+    transport: LegTransport  # type: ignore[assignment]  # set by makeConnection, never None after
 
     def __init__(self, settings: SessionSettings, on_closed: Callable[[ClientProtocol], None]) -> None:
         self.settings = settings
         self._on_closed = on_closed
         self.session_id = secrets.token_hex(6)
-        self.state = State.AUTHORIZATION
-        self._lines = CommandLines(MAX_COMMAND_LINE)
-        self._tls_active = settings.listener.tls == "implicit"
-        self._user: bytes | None = None
-        self._upstream: UpstreamProtocol | None = None
-        self._upstream_name: str | None = None
-        self._login: Deferred[UpstreamProtocol] | None = None
-        self._answers = AnswerQueue(self._write, self._answers_idle, self._answer_finished)
-        self._reading = PauseGate()  # transport pauses: back-pressure, a full buffer
-        self._holds: set[str] = set()  # reasons not to handle buffered commands yet
-        self._quit_sent = False
-        self._timer: IDelayedCall | None = None
-        self._started = settings.clock.seconds()
-        self._bytes_in = 0
-        self._bytes_out = 0
-        self._end_reason = "client closed"
-        self._close_waiters: list[Deferred[None]] = []
-        self.user: str | None = None
-        self._opened_logged = False
-        self._closing = False
-        self._hung_up = False
-        self._client_tls: dict[str, str] = {}
-        self._tls_reported = False
+        limits = settings.config.limits
+        self._limits = limits
+        self.machine = SessionMachine(
+            MachineSettings(
+                listener=settings.listener,
+                config=settings.config,
+                stls_available=settings.server_tls is not None,
+                now=settings.clock.seconds,
+                guard=settings.guard,
+                plan=settings.plan,
+                cache=settings.cache,
+            ),
+            self._carry_out,
+        )
         self._events = SessionEvents(settings.hooks)
-        self._hooks: TransactionHooks | None = None
-        self._waiting_command: tuple[Command, bytes] | None = None
-        self._limits = settings.config.limits
-        self._admitted_host: str | None = None  # counted by the guard under this address
-        self._counted_user: str | None = None  # counted by the guard as a logged-in session
-        self._bad_commands = 0
-        self._login_failures = 0
-        self._login_started = 0.0
-        self._tls_timer: IDelayedCall | None = None
+        self._upstream: UpstreamProtocol | None = None
+        self._login: Deferred[LoggedIn] | None = None
+        self._timers: dict[Timer, IDelayedCall] = {}
         self._close_timer: IDelayedCall | None = None
-        self._draining = False
-        self._activity = 0.0  # when the client last sent a command (idle timeout)
-        self._progress_mark = -1  # bytes_out at the last idle check while an answer was pending
-        self._attempt: tuple[str, str] | None = None  # (user, upstream) of the latest login attempt
-        self._upstream_capabilities: frozenset[bytes] = frozenset()
-        self._quit_after_login: list[Command] | None = None
+        self._header_timer: IDelayedCall | None = None
+        self._started = settings.clock.seconds()
+        self._close_waiters: list[Deferred[None]] = []
+        self._opened_logged = False
+        self._client_tls: dict[str, str] = {}
+        self._admitted = False  # counted by the guard
+        self._admitted_host: str | None = None  # counted by the guard under this address
+        self._address_known = not settings.listener.haproxy
+        self._lb_peer: IAddress | None = None
+        self._closed = False
 
-    # -- log fields ---------------------------------------------------------------------------------
+    @property
+    def user(self) -> str | None:
+        """The session's one normalised identity, once logged in."""
+        return self.machine.user
+
+    @property
+    def state(self) -> State:
+        return self.machine.state
+
+    # -- log fields and facts ---------------------------------------------------------------------------
 
     def _fields(self) -> dict[str, Any]:
-        peer = self.transport.getPeer() if self.transport is not None else None
-        return {
-            "session_id": self.session_id,
-            "peer_host": getattr(peer, "host", str(peer)),
-            "peer_port": getattr(peer, "port", 0),
-            "listener": self.settings.listener.key,
-        }
+        host, port = peer_fields(self.transport.getPeer() if self.transport is not None else None)
+        return {"session_id": self.session_id, "peer_host": host, "peer_port": port, "listener": self.settings.listener.key}
 
-    def session_facts(self) -> SessionFacts:
+    def session_facts(self, user: str | None = None, upstream: str | None = None) -> SessionFacts:
         """A snapshot of what is known about this session, for hooks."""
         fields = self._fields()
-        upstream = self._upstream
+        machine = self.machine
+        attempt = machine.attempt
         return SessionFacts(
             session_id=self.session_id,
             client_host=str(fields["peer_host"]),
             client_port=int(fields["peer_port"] or 0),
             listener=self.settings.listener.key,
-            user=self.user or (self._attempt[0] if self._attempt else None),
-            upstream=self._upstream_name or (self._attempt[1] if self._attempt else None),
+            user=user or machine.user or (attempt[0] if attempt else None),
+            upstream=upstream or machine.upstream_name or (attempt[1] if attempt else None),
             client_tls=dict(self._client_tls),
-            upstream_tls=dict(upstream.tls_facts) if upstream is not None else {},
+            upstream_tls=dict(self._upstream.tls_facts) if self._upstream is not None else {},
         )
 
     def _log_opened(self) -> None:
@@ -139,104 +197,97 @@ class ClientProtocol(Authorization, Transaction, Protocol):
             if self._events:
                 self._events.emit("session_opened", self.session_facts())
 
-    # -- Twisted callbacks --------------------------------------------------------------------------
+    # -- Twisted callbacks ------------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
         set_no_delay(self.transport)
-        self._reading.attach(self.transport)
-        # Behind a PROXY-protocol listener the real peer is known only after the header, which
-        # arrives with the first data (TWISTED-NOTES gotcha 3): log the opening then.
-        if not self.settings.listener.haproxy:
+        # Flow control from the first byte: answers the proxy writes itself are held back by a full
+        # write buffer like relayed ones.
+        self.transport.registerProducer(LegProducer(self.machine, Leg.CLIENT), True)
+        if self.settings.listener.haproxy:
+            # Behind a PROXY-protocol listener the real peer is known only once the header has come
+            # (twisted.protocols.haproxy): count the connection now against max_sessions, its
+            # address once known, and give the header ``proxy_header_timeout`` seconds.
+            self._lb_peer = self.transport.getPeer()
+            self._header_timer = self.settings.clock.callLater(self._limits.proxy_header_timeout, self._header_timed_out)
+            refusal = self._admit(None)
+        else:
             self._log_opened()
-        self._start_timer(self._limits.login_timeout, "login timeout")
-        if self._tls_active:
-            self._start_tls_timer()
-        # RFC 1939 §4: the greeting. No APOP timestamp (APOP is not offered) and no software name or
-        # version (nothing to fingerprint).
-        if self.settings.listener.haproxy or self._admit():
-            self._write(ok("POP3 proxy ready."))
+            refusal = self._admit(self._fields()["peer_host"])
+            self.machine.peer_host = self._fields()["peer_host"]
+        if refusal is None:
+            self.machine.connected(greet=True)
+        else:
+            self.machine.connected(greet=False)
+            self.machine.refuse(TOO_MANY_SESSIONS, refusal)
 
-    def _admit(self) -> bool:
-        """Count this session against the global and per-address limits, or refuse it."""
+    def _admit(self, host: str | None) -> str | None:
+        """Count this session against the proxy-wide limits; say why not if it may not be."""
         guard = self.settings.guard
-        if guard is None or self._admitted_host is not None:
-            return True
-        host = str(self._fields()["peer_host"])
+        if guard is None:
+            return None
         refusal = guard.admit(host)
+        if refusal is None:
+            self._admitted, self._admitted_host = True, host
+        else:
+            self.log.warn("session {session_id} refused: {refusal}", refusal=refusal, **self._fields())
+        return refusal
+
+    def _address_arrived(self) -> bool:
+        """The PROXY header has been read: count the session under the real client address.
+        False if it must be refused."""
+        self._address_known = True
+        self._cancel(self._header_timer)
+        self._log_opened()
+        host = self._fields()["peer_host"]
+        self.machine.peer_host = host
+        guard = self.settings.guard
+        if guard is None or not self._admitted:
+            return True
+        refusal = guard.admit_address(host)
         if refusal is None:
             self._admitted_host = host
             return True
         self.log.warn("session {session_id} refused: {refusal}", refusal=refusal, **self._fields())
-        self._write(TOO_MANY_SESSIONS)
-        self._close(refusal)
+        self.machine.refuse(TOO_MANY_SESSIONS, refusal)
         return False
 
-    def _start_tls_timer(self) -> None:
-        self._tls_timer = self.settings.clock.callLater(self._limits.tls_handshake_timeout, self._tls_timed_out)
-
-    def _tls_timed_out(self) -> None:
-        self._tls_timer = None
-        self.log.info("session {session_id}: TLS handshake timed out", **self._fields())
-        self._abort("TLS handshake timeout")
+    def _header_timed_out(self) -> None:
+        self._header_timer = None
+        if self._address_known or self._closed:
+            return
+        if self.transport.getPeer() != self._lb_peer:
+            self._address_arrived()  # a header and nothing after it yet: the client may be slow
+            return
+        self.log.info("session {session_id}: no PROXY header within {seconds}s; closing",
+                      seconds=self._limits.proxy_header_timeout, **self._fields())
+        self.machine.end_reason = "no PROXY header"
+        self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
-        self._log_opened()
-        if self.settings.listener.haproxy and self._admitted_host is None and not self._closing:
-            # Behind the PROXY wrapper the real client address is known only now.
-            if not self._admit():
-                return
-        if self._tls_active and not self._tls_reported:
-            if self._tls_timer is not None and self._tls_timer.active():
-                self._tls_timer.cancel()
-            self._tls_timer = None
+        if not self._address_known and not self._address_arrived():
+            return
+        if self.machine.tls_active and not self._client_tls:
             # Application data arrived over TLS, so the handshake is complete: record its facts now
-            # (behind the PROXY wrapper no handshake callback arrives, TWISTED-NOTES gotcha 4).
-            self._tls_reported = True
+            # (behind the PROXY wrapper no handshake callback arrives).
             self._client_tls = tls_facts(self.transport)
-            if self._events:
-                self._events.emit("tls_started", self.session_facts())
-        self._bytes_in += len(data)
-        self._lines.feed(data)
-        self._process_lines()
-        self._check_buffer()
+            if self._client_tls:
+                self.machine.client_tls_ready()
+        self.machine.client_data(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._hung_up = True
-        previous = self.state
-        pending = self._pending_until_quit()
-        if previous is State.TRANSACTION and pending is not None and self._upstream is not None:
-            self._forward_after_hangup(self._upstream, pending)
-        # A login in flight with a QUIT queued behind it is allowed to finish, to deliver that QUIT.
-        self._quit_after_login = pending if previous is State.LOGGING_IN else None
-        self._cancel_timer()
-        for timer in (self._tls_timer, self._close_timer):
-            if timer is not None and timer.active():
-                timer.cancel()
+        self._closed = True
+        previous = self.machine.state
+        self.machine.client_lost()
+        for timer in [*self._timers.values(), self._close_timer, self._header_timer]:
+            self._cancel(timer)
+        self._timers.clear()
         guard = self.settings.guard
-        if guard is not None:
-            if self._admitted_host is not None:
-                guard.left(self._admitted_host)
-            if self._counted_user is not None:
-                guard.user_left(self._counted_user)
-        self.state = State.CLOSED
-        if self._login is not None and self._quit_after_login is None:
-            if previous is State.LOGGING_IN and self._attempt is not None:
-                user, upstream_name = self._attempt
-                self.log.info(
-                    "session {session_id}: login for {user} at {upstream} abandoned: {reason}",
-                    event="login", user=user, upstream=upstream_name, result="abandoned",
-                    reason=self._end_reason, **self._fields(),
-                )
-            self._login.cancel()
+        if guard is not None and self._admitted:
+            guard.left(self._admitted_host)
         upstream = self._upstream
-        if upstream is not None and not upstream.closed:
-            if self._quit_sent:
-                # RFC 1939 §6: the client asked for UPDATE; let the upstream finish it even though
-                # nobody is listening any more, then close.
-                upstream.on_lost = None
-            else:
-                # No QUIT from the client: no deletions. Drop the connection without QUIT.
-                upstream.abort()
+        if upstream is not None and not upstream.closed and not self.machine.quit_requested:
+            upstream.abort()  # no QUIT from the client: no deletions (RFC 1939 §6)
         self._log_opened()
         summary = self._log_ended(previous)
         if self._events:
@@ -246,49 +297,178 @@ class ClientProtocol(Authorization, Transaction, Protocol):
             waiter.callback(None)
         self._on_closed(self)
 
+    # -- the machine's effects --------------------------------------------------------------------------
+
+    def _carry_out(self, effect: Effect) -> None:
+        if isinstance(effect, Write):
+            if not self._closed:
+                self.transport.write(effect.data)
+        elif isinstance(effect, Send):
+            if self._upstream is not None:
+                self._upstream.send(effect.line)
+        elif isinstance(effect, (PauseReading, ResumeReading)):
+            self._pause(effect.leg, isinstance(effect, PauseReading))
+        elif isinstance(effect, SetTimer):
+            self._cancel(self._timers.pop(effect.timer, None))
+            self._timers[effect.timer] = self.settings.clock.callLater(effect.seconds, self._timer_fired, effect.timer)
+        elif isinstance(effect, CancelTimer):
+            self._cancel(self._timers.pop(effect.timer, None))
+        elif isinstance(effect, Log):
+            level = LogLevel.warn if effect.level == "warn" else LogLevel.info
+            self.log.emit(level, effect.text, **{**self._fields(), **effect.fields})
+        elif isinstance(effect, Notify):
+            if self._events:
+                self._events.emit(effect.event, self.session_facts(effect.user, effect.upstream), *effect.args)
+        elif isinstance(effect, RunHooks):
+            self._run_hooks(effect)
+        elif isinstance(effect, Login):
+            self._start_login(effect)
+        elif isinstance(effect, CancelLogin):
+            if self._login is not None:
+                self._login.cancel()
+        elif isinstance(effect, StartTLS):
+            self.transport.startTLS(self.settings.server_tls)
+        elif isinstance(effect, CloseClient):
+            self._close()
+        elif isinstance(effect, AbortClient):
+            if not self._closed:
+                self.transport.abortConnection()
+        elif isinstance(effect, CloseUpstream):
+            if self._upstream is not None and not self._upstream.closed:
+                self._upstream.transport.loseConnection()
+        elif isinstance(effect, AbortUpstream):
+            if self._upstream is not None:
+                self._upstream.abort()
+        else:  # pragma: no cover - every effect is handled above
+            raise TypeError(f"unknown effect {effect!r}")
+
+    def _pause(self, leg: Leg, pause: bool) -> None:
+        if leg is Leg.CLIENT:
+            if not self._closed:
+                (self.transport.pauseProducing if pause else self.transport.resumeProducing)()
+        elif self._upstream is not None:
+            (self._upstream.pause_reading if pause else self._upstream.resume_reading)()
+
+    def _timer_fired(self, timer: Timer) -> None:
+        self._timers.pop(timer, None)
+        self.machine.timer_fired(timer)
+
+    @staticmethod
+    def _cancel(call: IDelayedCall | None) -> None:
+        if call is not None and call.active():
+            call.cancel()
+
+    def _close(self) -> None:
+        """Close after what was written has gone out. Over TLS that waits for the client's
+        close_notify, which a client may never send: after ``CLOSE_TIMEOUT`` the connection is cut."""
+        if self._closed or self._close_timer is not None:
+            return
+        self.transport.loseConnection()
+        self._close_timer = self.settings.clock.callLater(CLOSE_TIMEOUT, self._close_timed_out)
+
+    def _close_timed_out(self) -> None:
+        if not self._closed:
+            self.transport.abortConnection()
+
+    # -- logging in -------------------------------------------------------------------------------------
+
+    def _start_login(self, login: Login) -> None:
+        if self.machine.tls_active and not self._client_tls:
+            self._client_tls = tls_facts(self.transport)
+        upstream = self.settings.config.upstreams[login.upstream]
+        self._login = self.settings.connector.open(
+            upstream,
+            login.user,
+            login.password,
+            log_fields={"session_id": self.session_id, "upstream": upstream.name},
+            listing_limit=self._limits.max_listing if login.listing else None,
+        )
+        self._login.addCallbacks(self._logged_in, self._login_failed)
+
+    def _logged_in(self, result: LoggedIn) -> None:
+        self._login = None
+        upstream = result.protocol
+        self._upstream = upstream
+        upstream.transport.registerProducer(LegProducer(self.machine, Leg.UPSTREAM), True)
+        leftover = upstream.attach(self.machine)
+        self.machine.upstream_attached(upstream.capabilities)
+        self.machine.logged_in(result.listing)
+        if leftover:
+            self.machine.upstream_data(leftover)
+
+    def _login_failed(self, failure: Failure) -> None:
+        self._login = None
+        error = failure.value
+        if isinstance(error, CancelledError):
+            return
+        if isinstance(error, UpstreamRefused):
+            self.machine.login_failed(True, error.code, describe(failure))
+        elif isinstance(error, UpstreamUnavailable):
+            self.machine.login_failed(False, None, error.reason)
+        else:
+            self.machine.login_failed(False, None, describe(failure))
+
+    # -- message hooks ----------------------------------------------------------------------------------
+
+    def _run_hooks(self, effect: RunHooks) -> None:
+        mailbox = self.machine.mailbox
+        assert mailbox is not None
+        number = effect.number
+        facts = MessageFacts(session=self.session_facts(), number=number, uidl=mailbox.uidls.get(number),
+                             upstream_size=mailbox.sizes[number])
+        running = ensureDeferred(run_message_hooks(mailbox.hooks_for(number), effect.message,
+                                                   MessageContext(facts), self.settings.clock))
+
+        def done(result: Any) -> None:
+            self.machine.hooks_done(effect.ticket, result.message, result.verdicts, result.notes)
+
+        def crashed(failure: Failure) -> None:
+            self.log.failure("message hook pipeline crashed; session closed", failure, **self._fields())
+            self.machine.hooks_crashed(effect.ticket)
+
+        running.addCallback(done).addErrback(crashed)
+
+    # -- the end ----------------------------------------------------------------------------------------
+
     def shut_down(self) -> None:
         """End the session now (the proxy is stopping): no QUIT upstream unless the client sent one."""
-        self._abort("shutdown")
+        self.machine.end_reason = "shutdown"
+        if not self._closed:
+            self.transport.abortConnection()
 
     def start_draining(self) -> None:
-        """The proxy is stopping. A session that is not logged in ends now (it holds nothing); a
-        logged-in one finishes what it is doing and may still QUIT, but new commands get
-        ``-ERR [SYS/TEMP]``."""
-        self._draining = True
-        if self.state in (State.AUTHORIZATION, State.SASL):
-            self._write(SHUTTING_DOWN)
-            self._close("shutdown")
+        """The proxy is stopping: see ``SessionMachine.start_draining``."""
+        self.machine.start_draining()
 
     def when_closed(self) -> Deferred[None]:
         """A fresh Deferred that fires when the session is over (one per caller)."""
         waiter: Deferred[None] = Deferred()
-        if self.state is State.CLOSED:
+        if self._closed:
             waiter.callback(None)
         else:
             self._close_waiters.append(waiter)
         return waiter
 
     def _log_ended(self, state: State) -> dict[str, Any]:
+        machine = self.machine
         fields = self._fields()
         fields.update(
             event="session_ended",
-            user=self.user,
-            upstream=self._upstream_name,
-            bytes_from_client=self._bytes_in,
-            bytes_to_client=self._bytes_out,
+            user=machine.user,
+            upstream=machine.upstream_name,
+            bytes_from_client=machine.bytes_in,
+            bytes_to_client=machine.bytes_out,
             duration=round(self.settings.clock.seconds() - self._started, 3),
-            ended=self._end_reason,
+            ended=machine.end_reason,
             authenticated=state is State.TRANSACTION or self._upstream is not None,
         )
-        if self._tls_active and not self._client_tls:
+        if machine.tls_active and not self._client_tls:
             self._client_tls = tls_facts(self.transport)
         fields.update(_prefixed("client_", self._client_tls))
         if self._upstream is not None:
             fields.update(_prefixed("upstream_", self._upstream.tls_facts))
-            fields.update(
-                bytes_from_upstream=self._upstream.bytes_in,
-                bytes_to_upstream=self._upstream.bytes_out,
-            )
+            fields.update(bytes_from_upstream=self._upstream.bytes_in + machine.bytes_from_upstream,
+                          bytes_to_upstream=self._upstream.bytes_out)
         self.log.info(
             "session {session_id} ended ({ended}): user {user}, upstream {upstream}, "
             "{bytes_from_client} bytes in, {bytes_to_client} bytes out, {duration}s",
@@ -296,135 +476,9 @@ class ClientProtocol(Authorization, Transaction, Protocol):
         )
         return {key: value for key, value in fields.items() if key != "event"}
 
-    # -- output -------------------------------------------------------------------------------------
-
-    def _write(self, data: bytes) -> None:
-        if not self._hung_up:
-            self._bytes_out += len(data)
-            self.transport.write(data)
-
-    def _close(self, reason: str) -> None:
-        """Close after what was written has gone out. Over TLS that waits for the client's
-        close_notify, which a client may never send: after ``CLOSE_TIMEOUT`` the connection is cut."""
-        if not self._closing:
-            self._closing = True
-            self._end_reason = reason
-            self.transport.loseConnection()
-            self._close_timer = self.settings.clock.callLater(CLOSE_TIMEOUT, self._close_timed_out)
-
-    def _close_timed_out(self) -> None:
-        if not self._hung_up:
-            self.transport.abortConnection()
-
-    def _abort(self, reason: str) -> None:
-        """Close at once, dropping anything not yet written (a graceful close may be under way)."""
-        self._closing = True
-        self._end_reason = reason
-        if not self._hung_up:
-            self.transport.abortConnection()
-
-    # -- timers -------------------------------------------------------------------------------------
-
-    def _start_timer(self, seconds: float, reason: str) -> None:
-        self._cancel_timer()
-        self._activity = self.settings.clock.seconds()
-        self._timer = self.settings.clock.callLater(seconds, self._timed_out, seconds, reason)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-    def _timed_out(self, seconds: float, reason: str) -> None:
-        self._timer = None
-        clock = self.settings.clock
-        if self.state is State.TRANSACTION and len(self._answers):
-            # An answer is still on its way to the client: that is not idleness as long as it moves.
-            # A client that stops reading altogether is cut off after the same time without progress.
-            if self._bytes_out != self._progress_mark:
-                self._progress_mark = self._bytes_out
-                self._start_timer(seconds, reason)
-                return
-            reason = "client stopped reading"
-        remaining = self._activity + seconds - clock.seconds()
-        if remaining > 0:
-            # A command came since the timer was set (``_activity``, cheaper than a new timer per
-            # command): wait for the rest.
-            self._timer = clock.callLater(remaining, self._timed_out, seconds, reason)
-            return
-        self.log.info("session {session_id}: {reason} after {seconds}s", reason=reason, seconds=seconds, **self._fields())
-        # RFC 1939 §3: an autologout timer expiring closes the connection without entering UPDATE,
-        # so the upstream is dropped without QUIT.
-        self._write(err(f"Autologout: {reason}.", "SYS/TEMP"))
-        self._close(reason)
-
-    # -- reading commands ---------------------------------------------------------------------------
-
-    def _process_lines(self) -> None:
-        """Handle buffered command lines until one of them needs to wait (a login in flight, too
-        many answers outstanding) or the buffer is empty."""
-        while self.state is not State.CLOSED and not self._closing and not self._holds:
-            line = self._lines.next_line()
-            if line is None:
-                return
-            if line is TOO_LONG:
-                if self.state is State.SASL:
-                    # RFC 5034 §4: this -ERR ends the AUTH exchange; what follows is a command again.
-                    self.state = State.AUTHORIZATION
-                    self._lines.max_length = MAX_COMMAND_LINE
-                self._answer(err("Command line too long."))
-                self._bad_command()
-            elif self.state is State.SASL:
-                assert isinstance(line, bytes)
-                self._sasl_continuation(line)
-            else:
-                assert isinstance(line, bytes)
-                self._command_line(line)
-
-    def _hold_reading(self, reason: str) -> None:
-        """Stop handling the client's commands for ``reason`` (they stay buffered).
-
-        The socket itself keeps being read, so that a client that hangs up is noticed at once, until
-        the buffer passes ``max_buffered`` (``[limits]``); only then is the transport paused.
-        """
-        self._holds.add(reason)
-        self._check_buffer()
-
-    def _check_buffer(self) -> None:
-        if self._holds and len(self._lines) > self._limits.max_buffered:
-            self._reading.hold("buffer full")
-        elif len(self._lines) <= self._limits.max_buffered:
-            self._reading.release("buffer full")
-
-    def _release_reading(self, reason: str) -> None:
-        self._holds.discard(reason)
-        if not self._holds:
-            self._process_lines()
-        self._check_buffer()
-
-    def _answer(self, data: bytes) -> None:
-        """A local answer, in order with any relayed answers still outstanding."""
-        self._answers.local(data)
-
-    def _command_line(self, line: bytes) -> None:
-        command = parse_command(line)
-        if command is None:
-            self._answer(err("Empty command."))
-            self._bad_command()
-            return
-        if self.state is State.TRANSACTION:
-            self._transaction(command, line)
-        else:
-            self._authorization(command)
-
-    def _bad_command(self) -> None:
-        """Count a command that could not be served; too many and the client is cut off."""
-        self._bad_commands += 1
-        if self._bad_commands >= self._limits.max_bad_commands:
-            self.log.info("session {session_id}: too many bad commands; disconnecting", **self._fields())
-            self._answer(err("Too many bad commands, goodbye."))
-            self._close("too many bad commands")
-
 
 def _prefixed(prefix: str, facts: dict[str, str]) -> dict[str, str]:
     return {prefix + key: value for key, value in facts.items()}
+
+
+__all__ += ["replace"]  # re-exported for tests that derive settings

@@ -6,6 +6,7 @@ from __future__ import annotations
 # twistd still runs as root: after -u/-g the Python installation may not be readable any more.
 import encodings.idna  # noqa: F401
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -13,13 +14,20 @@ from twisted.internet.error import TimeoutError as TwistedTimeoutError
 from twisted.internet.interfaces import IReactorTCP, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from ..config import Address, UpstreamConfig
 from ..tls import client_tls
 from .upstream import UpstreamProtocol, UpstreamRefused, UpstreamUnavailable, describe
 
 EndpointFactory = Callable[[Address, UpstreamConfig], IStreamClientEndpoint]
+
+
+@dataclass(frozen=True)
+class LoggedIn:
+    """A logged-in upstream connection, and its LIST sizes and UIDLs if they were asked for."""
+
+    protocol: UpstreamProtocol
+    listing: tuple[dict[int, int], dict[int, str]] | None
 
 # How long the upstream may take over greeting, CAPA, STLS, USER and PASS together, after the TCP
 # connection is up. Generous: Dovecot alone delays a failed login by 2 s.
@@ -62,24 +70,26 @@ class UpstreamConnector:
         user: str,
         password: bytes,
         *,
-        on_lost: Callable[[Failure], None],
         log_fields: dict[str, object],
-    ) -> Deferred[UpstreamProtocol]:
-        """Connect to ``upstream`` and log in as ``user``.
+        listing_limit: int | None = None,
+    ) -> Deferred[LoggedIn]:
+        """Connect to ``upstream`` and log in as ``user``; with ``listing_limit``, read LIST and
+        UIDL too (each answer at most that many octets).
 
-        Fires with the protocol, ready to relay; fails with ``UpstreamRefused`` (the upstream's
-        verdict) or ``UpstreamUnavailable`` (everything else). Cancelling drops any connection made.
+        Fires with the protocol, ready to relay, and the listing; fails with ``UpstreamRefused``
+        (the upstream's verdict) or ``UpstreamUnavailable`` (everything else). Cancelling drops any
+        connection made.
         """
-        return ensureDeferred(self._open(upstream, user, password, on_lost, log_fields))
+        return ensureDeferred(self._open(upstream, user, password, log_fields, listing_limit))
 
     async def _open(
         self,
         upstream: UpstreamConfig,
         user: str,
         password: bytes,
-        on_lost: Callable[[Failure], None],
         log_fields: dict[str, object],
-    ) -> UpstreamProtocol:
+        listing_limit: int | None,
+    ) -> LoggedIn:
         name = upstream.login_name(user)
         if not name:
             # login_as = "{domain}" for a user without a domain, say: nothing to log in as.
@@ -107,8 +117,13 @@ class UpstreamConnector:
         except Exception as error:  # connection lost during login, TLS verification failure, ...
             protocol.abort()
             raise UpstreamUnavailable(describe(error)) from None
-        protocol.on_lost = on_lost
-        return protocol
+        if listing_limit is None:
+            return LoggedIn(protocol, None)
+        try:
+            return LoggedIn(protocol, await protocol.listing(listing_limit))
+        except BaseException:
+            protocol.abort()  # cancelled, or the listing failed: no QUIT, nothing reaches UPDATE
+            raise
 
     async def _connect(self, upstream: UpstreamConfig, log_fields: dict[str, object]) -> UpstreamProtocol:
         """Try each address in turn; the first that accepts the TCP connection wins."""
@@ -121,7 +136,7 @@ class UpstreamConnector:
                 response_timeout=self.response_timeout,
                 max_body_line=self.max_body_line,
             )
-            attempt = self._endpoint_for(address, upstream).connect(_Quiet.forProtocol(lambda: protocol))
+            attempt = self._endpoint_for(address, upstream).connect(_Quiet.forProtocol(_returning(protocol)))
             attempt.addTimeout(upstream.connect_timeout, self._reactor)
             try:
                 await attempt
@@ -139,3 +154,8 @@ class UpstreamConnector:
                 continue
             return protocol
         raise UpstreamUnavailable("; ".join(failures) or "no address")
+
+
+def _returning(protocol: UpstreamProtocol) -> Callable[[], UpstreamProtocol]:
+    """A protocol "class" that builds the one protocol instance already made for this attempt."""
+    return lambda: protocol

@@ -21,7 +21,7 @@ class ProxyFactory(ServerFactory):
         self.settings = settings
         self.sessions: set[ClientProtocol] = set()
 
-    def buildProtocol(self, addr: IAddress) -> ClientProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> ClientProtocol:
         session = ClientProtocol(self.settings, self.sessions.discard)
         self.sessions.add(session)
         return session

@@ -1,73 +1,40 @@
-"""Back-pressure plumbing: pausing a transport's reads for more than one reason at a time."""
+"""Back-pressure glue: each leg's transport tells the session machine when it is full.
+
+Flow control has one owner per session, the session machine (``machine.SessionMachine``): it keeps
+every named reason to stop handling a leg (``machine.Hold``) and decides when a socket is paused.
+What it cannot know by itself is when a transport's write buffer is full. Twisted says so by
+pausing the transport's registered producer (``IConsumer.registerProducer``; a ``FileDescriptor``
+pauses it once more than ``bufferSize``, 64 KiB, is waiting, and resumes it when the buffer drains).
+So each leg's transport gets a ``LegProducer`` as soon as it is connected, and that producer only
+reports; the machine answers with ``PauseReading``/``ResumeReading`` effects for the *other* leg's
+socket, and with holds on its own work.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
-from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
 
-
-class PauseGate:
-    """Pauses reading from a transport while any reason to hold it back remains.
-
-    One leg's reads can be held back for several independent reasons (the other leg's write buffer is
-    full, too many pipelined commands are waiting, a login is in flight); resuming for one reason must
-    not undo another.
-    """
-
-    def __init__(self) -> None:
-        self._transport: Any = None
-        self._reasons: set[str] = set()
-
-    def attach(self, transport: Any) -> None:
-        self._transport = transport
-        if self._reasons:
-            transport.pauseProducing()
-
-    def hold(self, reason: str) -> None:
-        if not self._reasons and self._transport is not None:
-            self._transport.pauseProducing()
-        self._reasons.add(reason)
-
-    def release(self, reason: str) -> None:
-        if reason not in self._reasons:
-            return
-        self._reasons.discard(reason)
-        if not self._reasons and self._transport is not None:
-            self._transport.resumeProducing()
-
-    @property
-    def held(self) -> frozenset[str]:
-        return frozenset(self._reasons)
+from .interfaces import IFlowTarget, Leg
 
 
 @implementer(IPushProducer)
-class HoldProducer:
-    """An ``IPushProducer`` that a consuming transport pauses when its write buffer is full.
+class LegProducer:
+    """Registered (streaming) on ``leg``'s transport; reports its write buffer to ``target``.
 
-    Registered on the *other* leg's transport, it holds this leg's reads back under ``reason`` (TCP
-    back-pressure across the proxy: a slow client slows the upstream down, not the proxy's memory).
-    When the consuming transport goes away (``stopProducing``) the hold is released, so that this leg
-    can finish whatever it still has to do.
+    ``stopProducing`` (the transport is going away) counts as "not full any more", so that nothing
+    stays held for a transport that no longer exists.
     """
 
-    def __init__(
-        self,
-        hold: Callable[[str], None],
-        release: Callable[[str], None],
-        reason: str,
-    ) -> None:
-        self._hold = hold
-        self._release = release
-        self._reason = reason
+    def __init__(self, target: IFlowTarget, leg: Leg) -> None:
+        self._target = target
+        self._leg = leg
 
     def pauseProducing(self) -> None:
-        self._hold(self._reason)
+        self._target.output_blocked(self._leg, True)
 
     def resumeProducing(self) -> None:
-        self._release(self._reason)
+        self._target.output_blocked(self._leg, False)
 
     def stopProducing(self) -> None:
-        self._release(self._reason)
+        self._target.output_blocked(self._leg, False)

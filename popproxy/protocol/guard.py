@@ -13,10 +13,12 @@ from __future__ import annotations
 import ipaddress
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
-
-from twisted.internet.interfaces import IReactorTime
+from typing import TYPE_CHECKING
 
 from ..config import LimitsConfig, in_networks
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
 
 # A failure older than this no longer counts towards the address's penalty.
 FAILURE_MEMORY = 900.0
@@ -95,21 +97,35 @@ class Guard:
 
     # -- sessions ------------------------------------------------------------------------------------
 
-    def admit(self, host: str) -> str | None:
-        """Count a new session from ``host``; return why it must be refused instead, if it must."""
+    def admit(self, host: str | None) -> str | None:
+        """Count a new session from ``host``; return why it must be refused instead, if it must.
+
+        ``None`` counts a connection whose client address is not known yet (behind a PROXY-protocol
+        listener, before the header): against ``max_sessions`` only, until ``admit_address``.
+        """
         if self.sessions >= self._limits.max_sessions:
             return "too many sessions"
+        if host is not None:
+            refusal = self.admit_address(host)
+            if refusal is not None:
+                return refusal
+        self.sessions += 1
+        return None
+
+    def admit_address(self, host: str) -> str | None:
+        """Count an admitted session under its client address, now known; or say why not."""
         entry = self._entry(host)
         if entry is not None and entry.sessions >= self._limits.max_sessions_per_ip:
             return "too many sessions from your address"
-        self.sessions += 1
         if entry is not None:
             entry.sessions += 1
         return None
 
-    def left(self, host: str) -> None:
-        """An admitted session ended."""
+    def left(self, host: str | None) -> None:
+        """An admitted session ended (``host``: the address it was counted under, if any)."""
         self.sessions -= 1
+        if host is None:
+            return
         key = address_key(host)
         entry = self._addresses.get(key) if key is not None else None
         if entry is not None and entry.sessions > 0:
@@ -149,4 +165,4 @@ class Guard:
             count = max(count, entry.failures)
         if count <= 0:
             return 0.0
-        return min(MAX_DELAY, self._limits.login_failure_delay * 2 ** (count - 1))
+        return min(MAX_DELAY, self._limits.login_failure_delay * float(1 << (count - 1)))

@@ -15,15 +15,13 @@ import re
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from ..hooks.pipeline import ordered, reservation
 from ..hooks.registry import BuiltHook
+from ..hooks.sizing import ordered, reservation
 from ..pop3.wire import CRLF
 
 _LIST_LINE = re.compile(rb"^(\+OK )?(\d+) (\d+)(.*)$", re.DOTALL)
 _STAT_LINE = re.compile(rb"^\+OK (\d+) (\d+)(.*)$", re.DOTALL)
 
-#: Processed messages kept per session for TOP-then-RETR, at most this many octets in all.
-CACHE_LIMIT = 16 * 1024 * 1024
 
 
 def parse_listing(lines: Sequence[bytes]) -> dict[int, bytes]:
@@ -36,18 +34,61 @@ def parse_listing(lines: Sequence[bytes]) -> dict[int, bytes]:
     return result
 
 
+class MessageCache:
+    """Processed messages kept for TOP-then-RETR, for all sessions of the proxy together.
+
+    One bound for the whole process (``[limits] message_cache`` octets), least recently used first
+    out, so that the memory it takes does not grow with the number of sessions. Keys are
+    ``(session, number)``; a session drops its own entries when it ends.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._entries: OrderedDict[tuple[object, int], bytes] = OrderedDict()
+        self.size = 0
+
+    def get(self, session: object, number: int) -> bytes | None:
+        key = (session, number)
+        message = self._entries.get(key)
+        if message is not None:
+            self._entries.move_to_end(key)
+        return message
+
+    def put(self, session: object, number: int, message: bytes) -> None:
+        if len(message) > self.limit:
+            return
+        self._drop((session, number))
+        self._entries[(session, number)] = message
+        self.size += len(message)
+        while self.size > self.limit:
+            _, evicted = self._entries.popitem(last=False)
+            self.size -= len(evicted)
+
+    def drop(self, session: object, number: int) -> None:
+        self._drop((session, number))
+
+    def _drop(self, key: tuple[object, int]) -> None:
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.size -= len(old)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class MailboxView:
     """Sizes and reservations for one session's mailbox, for the hooks that apply to its user."""
 
-    def __init__(self, sizes: dict[int, int], uidls: dict[int, str], hooks: Sequence[BuiltHook]) -> None:
+    def __init__(self, sizes: dict[int, int], uidls: dict[int, str], hooks: Sequence[BuiltHook],
+                 cache: MessageCache | None = None) -> None:
         self.sizes = sizes
         self.uidls = uidls
         self._hooks = ordered(hooks)
         self._extra = {n: reservation(self.hooks_for(n)) for n in sizes}
         self.deleted: set[int] = set()
         self.refused: set[int] = set()
-        self._cache: OrderedDict[int, bytes] = OrderedDict()
-        self._cached_bytes = 0
+        self._cache = cache if cache is not None else MessageCache(0)
+        self._cached: set[int] = set()  # numbers this session put in the cache (some may be evicted)
 
     def hooks_for(self, number: int) -> list[BuiltHook]:
         """The hooks that see message ``number``: those whose ``max_size`` it fits."""
@@ -108,19 +149,17 @@ class MailboxView:
     # -- processed messages --------------------------------------------------------------------------
 
     def cached(self, number: int) -> bytes | None:
-        return self._cache.get(number)
+        return self._cache.get(self, number)
 
     def remember(self, number: int, message: bytes) -> None:
-        if len(message) > CACHE_LIMIT:
-            return
-        old = self._cache.pop(number, None)
-        if old is not None:
-            self._cached_bytes -= len(old)
-        self._cache[number] = message
-        self._cached_bytes += len(message)
-        while self._cached_bytes > CACHE_LIMIT:
-            _, evicted = self._cache.popitem(last=False)
-            self._cached_bytes -= len(evicted)
+        self._cache.put(self, number, message)
+        self._cached.add(number)
+
+    def forget(self) -> None:
+        """The session is over: its processed messages leave the shared cache."""
+        for number in self._cached:
+            self._cache.drop(self, number)
+        self._cached.clear()
 
 
 def top_of(message: bytes, lines: int) -> bytes:

@@ -1,19 +1,17 @@
 """The upstream leg: one connection to the POP3 server chosen for the user.
 
-``UpstreamProtocol`` sends commands and hands each answer to the sink that came with the command. It
-logs in by itself (greeting, CAPA, optional STLS, USER, PASS) before it relays anything for the
-client, and it enforces the upstream's pipelining rules: commands go out together only when the
-upstream's CAPA lists PIPELINING (RFC 2449 §6.6), otherwise one at a time.
+``UpstreamProtocol`` logs in by itself (greeting, CAPA, optional STLS, USER, PASS, and LIST and UIDL
+when the hooks need them), one request at a time, each answer collected whole and bounded. Once
+logged in it is *attached* to the session (``attach``): from then on it is plain glue, handing every
+byte to the session machine, which parses and pairs the answers, and writing what the machine sends.
 """
 
 from __future__ import annotations
 
-import re
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, FirstError, gatherResults
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IOpenSSLClientConnectionCreator, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -21,11 +19,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..pop3 import capa
-from ..pop3.framing import ResponseReader
-from ..pop3.wire import CRLF, is_ok, response_code
+from ..pop3.framing import ResponseReader, body_limit
+from ..pop3.wire import CRLF, is_ok, response_code, unstuff_lines
 from ..tls import tls_facts
-from .flow import PauseGate
-from .responses import CollectSink, ResponseSink
+from .interfaces import IUpstreamReceiver, LegTransport
+from .mailbox import parse_listing
 
 # RFC 1939 §3 caps a status line at 512 octets; leave room for servers that exceed it a little.
 MAX_STATUS_LINE = 8192
@@ -50,6 +48,38 @@ class UpstreamLost(ConnectionError):
     """The upstream connection ended; the message says how."""
 
 
+class CollectSink:
+    """Collects a whole (small) answer for the proxy's own use while logging in: the greeting, CAPA,
+    the replies to STLS, USER and PASS, LIST and UIDL. Fires ``result`` with ``(status, lines)``;
+    an answer over ``limit`` octets fails it at once (an endless answer is not waited for)."""
+
+    def __init__(self, limit: int = 65536) -> None:
+        self.result: Deferred[tuple[bytes, list[bytes]]] = Deferred()
+        self._limit = limit
+        self._status = b""
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def status(self, line: bytes, has_body: bool) -> None:
+        self._status = line
+
+    def body(self, data: bytes) -> None:
+        self._size += len(data)
+        if self._size <= self._limit:
+            self._parts.append(data)
+        elif not self.result.called:
+            self._parts.clear()
+            self.result.errback(ValueError(f"answer larger than {self._limit} bytes"))
+
+    def end(self) -> None:
+        if not self.result.called:
+            self.result.callback((self._status, unstuff_lines(b"".join(self._parts))))
+
+    def failed(self, reason: Failure) -> None:
+        if not self.result.called:
+            self.result.errback(reason)
+
+
 class UpstreamRefused(Exception):
     """The upstream refused the credentials; ``code`` is its RFC 3206 response code, if any."""
 
@@ -61,25 +91,24 @@ class UpstreamRefused(Exception):
 @dataclass(slots=True)
 class _Request:
     line: bytes | None  # None for the greeting, which nobody asks for
-    sink: ResponseSink
+    sink: CollectSink
     expects_body: bool
 
 
 @implementer(IHandshakeListener)
 class UpstreamProtocol(Protocol):
-    """One upstream POP3 connection.
+    """One upstream POP3 connection: logging in, then relaying for the session it is attached to.
 
     :param tls: client TLS options for STLS (``starttls`` upstreams), or None.
-    :param on_lost: called with the reason when the connection ends, after in-flight sinks failed.
     """
 
     log = Logger()
+    transport: LegTransport  # type: ignore[assignment]  # set by makeConnection, never None after
 
     def __init__(
         self,
         *,
         tls: IOpenSSLClientConnectionCreator | None = None,
-        on_lost: Callable[[Failure], None] | None = None,
         log_fields: dict[str, object] | None = None,
         clock: IReactorTime | None = None,
         response_timeout: float = 120.0,
@@ -89,9 +118,7 @@ class UpstreamProtocol(Protocol):
         self._clock = clock
         self._response_timeout = response_timeout
         self._watchdog: IDelayedCall | None = None
-        #: set by the session: the gate that holds reading back while the client is slow
-        self.reading_gate: PauseGate | None = None
-        self.on_lost = on_lost
+        self._receiver: IUpstreamReceiver | None = None
         self._log_fields = log_fields or {}
         self._reader = ResponseReader(self, MAX_STATUS_LINE, max_body_line)
         self._greeting = CollectSink()
@@ -104,7 +131,7 @@ class UpstreamProtocol(Protocol):
         self.capabilities: list[bytes] = []
         self.connected_tls = False
         self.tls_facts: dict[str, str] = {}
-        self._delivering = False  # inside the reader: commands asked for now wait until it is done
+        self._delivering = False  # inside the reader: requests made now wait until it is done
         self.bytes_in = 0
         self.bytes_out = 0
         self.closed = False
@@ -116,6 +143,9 @@ class UpstreamProtocol(Protocol):
         self._rearm()  # the greeting is an answer that is due
 
     def dataReceived(self, data: bytes) -> None:
+        if self._receiver is not None:
+            self._receiver.upstream_data(data)
+            return
         self.bytes_in += len(data)
         self._delivering = True
         try:
@@ -126,8 +156,8 @@ class UpstreamProtocol(Protocol):
         self._rearm()
 
     def _after_delivery(self) -> None:
-        """Commands queued while answers were being handed out go now (not in the middle of a chunk,
-        whose rest may hold a line nobody asked for: it must not become the next command's answer)."""
+        """Requests made while answers were being handed out go now (not in the middle of a chunk,
+        whose rest may hold a line nobody asked for: it must not become the next request's answer)."""
         if self.closed:
             return
         if not self._inflight and self._reader.pending and not self._reader.paused:
@@ -139,7 +169,7 @@ class UpstreamProtocol(Protocol):
     def handshakeCompleted(self) -> None:
         # Twisted calls this even when certificate verification failed and the connection is being
         # aborted (the check runs in the handshake's info callback): trust only a live connection.
-        if getattr(self.transport, "disconnecting", False):
+        if self.closed or self.transport.disconnecting:
             return
         self.connected_tls = True
         # Read now: once the connection is gone the TLS state may no longer be reachable.
@@ -163,12 +193,12 @@ class UpstreamProtocol(Protocol):
             waiting.errback(reason)
         for request in requests:
             request.sink.failed(reason)
-        if self.on_lost is not None:
-            self.on_lost(reason)
+        if self._receiver is not None:
+            self._receiver.upstream_lost(describe(reason))
 
     # -- sending -----------------------------------------------------------------------------------
 
-    def request(self, line: bytes, sink: ResponseSink, *, expects_body: bool) -> None:
+    def request(self, line: bytes, sink: CollectSink, *, expects_body: bool) -> None:
         """Send ``line`` (with its CRLF) now, or once the answers before it are in."""
         request = _Request(line, sink, expects_body)
         if self.closed:
@@ -251,10 +281,6 @@ class UpstreamProtocol(Protocol):
 
     def _silent(self) -> None:
         self._watchdog = None
-        if self._reader.paused or (self.reading_gate is not None and self.reading_gate.held):
-            # The proxy is not reading (a slow client, a hook at work): the silence is ours.
-            self._rearm()
-            return
         self.log.warn(
             "upstream sent nothing for {seconds}s while an answer was due; closing",
             seconds=self._response_timeout,
@@ -262,17 +288,32 @@ class UpstreamProtocol(Protocol):
         )
         self.transport.abortConnection()
 
+    # -- relaying for the session --------------------------------------------------------------------
+
+    def attach(self, receiver: IUpstreamReceiver) -> bytes:
+        """Hand every later byte (and the end of the connection) to ``receiver``, the session.
+
+        Returns what was received and not part of any login answer: the session treats it as the
+        unsolicited line it is.
+        """
+        self._disarm()
+        self._receiver = receiver
+        return self._reader.take_buffer()
+
+    def send(self, line: bytes) -> None:
+        """A command line from the session (which keeps the upstream's pipelining rules)."""
+        if not self.closed:
+            self.bytes_out += len(line)
+            self.transport.write(line)
+
     def pause_reading(self) -> None:
-        """Stop handing answers on (a sink that needs time) until ``resume_reading``."""
-        self._reader.pause()
+        """Stop reading the socket (flow control: the session decides when)."""
+        if not self.closed:
+            self.transport.pauseProducing()
 
     def resume_reading(self) -> None:
-        self._delivering = True
-        try:
-            self._reader.resume()
-        finally:
-            self._delivering = False
-        self._after_delivery()
+        if not self.closed:
+            self.transport.resumeProducing()
 
     def _unsolicited(self) -> None:
         # Nothing was asked: an upstream that talks out of turn would shift every later answer onto
@@ -316,6 +357,29 @@ class UpstreamProtocol(Protocol):
                 raise UpstreamUnavailable("login refused without [AUTH] by an AUTH-RESP-CODE upstream")
             raise UpstreamRefused(code)
 
+    async def listing(self, limit: int) -> tuple[dict[int, int], dict[int, str]]:
+        """LIST and UIDL, once, at login: sizes for the hooks' reservations, UIDLs for their facts.
+
+        Each answer may hold at most ``limit`` octets (``[limits] max_listing``); an upstream that
+        sends more, or refuses LIST, fails the login with ``UpstreamUnavailable``.
+        """
+        listing = CollectSink(limit=limit)
+        self.request(b"LIST" + CRLF, listing, expects_body=True)
+        uidl = CollectSink(limit=limit)
+        self.request(b"UIDL" + CRLF, uidl, expects_body=True)
+        # Both answers are awaited together, so that neither is left failing unobserved.
+        try:
+            (status, lines), (uidl_status, uidl_lines) = await gatherResults(
+                [listing.result, uidl.result], consumeErrors=True)
+        except FirstError as error:
+            raise UpstreamUnavailable(f"LIST/UIDL at login failed: {describe(error.subFailure)}") from None
+        if not is_ok(status):
+            raise UpstreamUnavailable("LIST/UIDL at login failed: LIST refused")
+        sizes = {n: int(value) for n, value in parse_listing(lines).items() if value.isdigit()}
+        uidls = ({n: value.decode("ascii", "replace") for n, value in parse_listing(uidl_lines).items()}
+                 if is_ok(uidl_status) else {})
+        return sizes, uidls
+
     async def _start_tls(self) -> None:
         status, _ = await self._ask(b"STLS" + CRLF)
         if not is_ok(status):
@@ -348,16 +412,6 @@ class UpstreamProtocol(Protocol):
         """Drop the connection without QUIT: the upstream must not enter UPDATE state (RFC 1939 §6)."""
         if not self.closed:
             self.transport.abortConnection()
-
-
-_OCTETS = re.compile(rb"^\+OK (\d+) octets")
-
-
-def body_limit(status: bytes) -> int | None:
-    """The most octets a body may have: twice what ``+OK n octets`` announced (stuffing and CRLF
-    can add, but never double it), plus room for small messages; None without an announcement."""
-    match = _OCTETS.match(status)
-    return 2 * int(match.group(1)) + 65536 if match else None
 
 
 def set_no_delay(transport: object) -> None:

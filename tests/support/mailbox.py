@@ -47,8 +47,8 @@ _UTF8_SNIPPETS = (
     "Ça va très bien, merci à vous",
     "Привет, как дела?",
     "こんにちは、メールの試験です",
-    "你好，这是一封测试邮件",
-    "Γειά σου Κόσμε",
+    "你好，这是一封测试邮件",  # noqa: RUF001 (CJK and Greek text on purpose)
+    "Γειά σου Κόσμε",  # noqa: RUF001 (CJK and Greek text on purpose)
     "שלום עולם",
     "emoji: 📬 ✉️ 🔒",
 )
