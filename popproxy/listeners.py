@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IAddress, IListeningPort, IProtocolFactory, IStreamServerEndpoint
@@ -38,7 +39,7 @@ class AllowedPeersFactory(Factory):
         self._wrapped.doStop()
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
-        host = getattr(addr, "host", None)
+        host = addr.host if isinstance(addr, (IPv4Address, IPv6Address)) else None
         if host is not None and not self._listener.allows_proxy_peer(host):
             log.warn(
                 "refused PROXY-protocol connection on {listener} from {peer_host}: not in proxy_from",

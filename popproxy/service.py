@@ -181,9 +181,7 @@ class ProxyService(MultiService):
 
 def _close_hooks(hooks: tuple[BuiltHook, ...]) -> None:
     for built in hooks:
-        close = getattr(built.hook, "close", None)
-        if close is not None:
-            try:
-                close()
-            except Exception:
-                log.failure("hook {hook} failed to close", hook=built.config.name)
+        try:
+            built.close()
+        except Exception:
+            log.failure("hook {hook} failed to close", hook=built.config.name)

@@ -60,9 +60,7 @@ def validated_config(path: str) -> ProxyConfig:
     check_endpoints(reactor, config)
     check_tls(config)
     for built in build_hooks(config):  # every hook's own settings, and that it loads at all
-        close = getattr(built.hook, "close", None)
-        if close is not None:
-            close()
+        built.close()
     return config
 
 

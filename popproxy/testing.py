@@ -327,9 +327,7 @@ class MemoryProxy:
     def close(self) -> None:
         """Close what the hooks hold open (audit log files, ...), as the service does at stop."""
         for built in self.hooks:
-            close = getattr(built.hook, "close", None)
-            if close is not None:
-                close()
+            built.close()
 
     def _endpoint_for(self, address: Address, upstream: UpstreamConfig) -> TCP4ClientEndpoint:
         return TCP4ClientEndpoint(self.clock, address.host, address.port, timeout=upstream.connect_timeout)

@@ -23,6 +23,7 @@ from popproxy.pop3.wire import stuff_body
 from popproxy.protocol.client import hook_plan
 from popproxy.protocol.guard import Guard
 from popproxy.protocol.machine import (
+    AbortClient,
     AbortUpstream,
     CancelLogin,
     CloseClient,
@@ -523,3 +524,28 @@ def test_invariants_hold_for_any_sequence(tmp_path: Path, commands: list[bytes],
         assert not any(line.split()[0] in (b"DELE", b"QUIT") for line in sends_after_hang_up)
     # Bounded: never more answers owed than max_pipelined (+1 for a close queued behind them).
     assert len(m._queue) <= 9
+
+
+def test_an_upstream_that_stalls_mid_answer_is_dropped_unless_the_proxy_is_not_reading(tmp_path: Path) -> None:
+    h = Harness(tmp_path, "upstream_timeout = 30\n")
+    h.log_in()
+    h.machine.client_data(b"RETR 1\r\n")
+    assert SetTimer(Timer.UPSTREAM, 30.0) in h.take()
+    h.now.value += 20
+    h.machine.upstream_data(retr_answer()[:100])  # progress, then silence mid-answer
+    h.take()
+    h.now.value += 10
+    h.machine.timer_fired(Timer.UPSTREAM)
+    assert h.take() == [SetTimer(Timer.UPSTREAM, 20.0)]  # 30 s from the last byte, not the first
+    h.machine.output_blocked(Leg.CLIENT, True)  # now the silence is the proxy's own
+    h.take()
+    h.now.value += 20
+    h.machine.timer_fired(Timer.UPSTREAM)
+    assert h.take() == [SetTimer(Timer.UPSTREAM, 30.0)]
+    h.machine.output_blocked(Leg.CLIENT, False)
+    h.now.value += 30
+    h.machine.timer_fired(Timer.UPSTREAM)
+    effects = h.take()
+    assert AbortUpstream("upstream silent") in effects
+    h.machine.upstream_lost("aborted")
+    assert AbortClient("upstream lost mid-answer") in h.take()  # no terminator: the client sees a break

@@ -62,7 +62,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from ..config import HookConfig
-from .interfaces import IHookFactory, IMessageHook, MessageContext, Verdict
+from .interfaces import IHookFactory, IMessageHook, IStaged, MessageContext, Verdict
 
 __all__ = ["STAGES", "ArchiveError", "ArchiveHook", "factory", "maildir_folder"]
 
@@ -110,7 +110,7 @@ def _in_thread(function: Callable[..., Any], *args: Any) -> Deferred[Any]:
     return threads.deferToThread(function, *args)
 
 
-@implementer(IMessageHook)
+@implementer(IMessageHook, IStaged)
 class ArchiveHook:
     """Stores each message it sees in the user's Maildir under ``base``, and passes it on unchanged.
 

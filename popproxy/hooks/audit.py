@@ -42,7 +42,16 @@ from twisted.python.logfile import DailyLogFile, LogFile
 from zope.interface import implementer
 
 from ..config import HookConfig
-from .interfaces import Delivery, IHookFactory, ISessionHook, SessionFacts, Verdict
+from .interfaces import (
+    Delivery,
+    IClosable,
+    IHookFactory,
+    IRecordsHeaders,
+    ISessionHook,
+    IWantsListing,
+    SessionFacts,
+    Verdict,
+)
 
 
 def _now() -> str:
@@ -74,11 +83,9 @@ class _KeptDailyLogFile(DailyLogFile):
             old.unlink(missing_ok=True)
 
 
-@implementer(ISessionHook)
+@implementer(ISessionHook, IRecordsHeaders, IWantsListing, IClosable)
 class AuditLog:
     """Writes one JSON line per session event to a file (optionally rotated) or to syslog."""
-
-    wants_uidls = True
 
     def __init__(self, name: str, writer: Any, headers: tuple[str, ...]) -> None:
         self.name = name

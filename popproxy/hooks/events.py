@@ -11,7 +11,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from .interfaces import SessionFacts
+from .interfaces import IRecordsHeaders, SessionFacts
 from .registry import BuiltHook
 
 log = Logger()
@@ -32,7 +32,8 @@ class SessionEvents:
         """Headers the hooks want recorded for each delivered message (``wanted_headers`` attribute)."""
         names: set[str] = set()
         for built in self._hooks:
-            names.update(getattr(built.hook, "wanted_headers", ()) or ())
+            if IRecordsHeaders.providedBy(built.hook):
+                names.update(built.hook.wanted_headers)
         return names
 
     def emit(self, event: str, session: SessionFacts, *args: Any) -> None:

@@ -151,6 +151,34 @@ class Delivery:
     notes: tuple[str, ...] = ()  # e.g. "spamd: timed out, passed unchanged"
 
 
+class IRecordsHeaders(Interface):
+    """A session hook that wants headers of each delivered message in its ``Delivery``."""
+
+    wanted_headers = Attribute("Header names (str) to record for each RETR/TOP besides Message-ID.")
+
+
+class IWantsListing(Interface):
+    """A session hook that wants every delivery to carry its message's UIDL: popproxy then reads
+    LIST and UIDL once at login (a few octets a message), as it does for message hooks."""
+
+
+class IStaged(Interface):
+    """A message hook that must see the message at a particular point of the pipeline."""
+
+    stage = Attribute(
+        """``"received"``: before every other hook (the upstream's bytes); ``"delivered"``: after
+        them (what the client gets); anything else: in configured order."""
+    )
+
+
+class IClosable(Interface):
+    """A hook that holds something open (a file, a connection) and must be closed when the proxy
+    stops or a reload retires it."""
+
+    def close() -> None:
+        """Release what the hook holds; called once."""
+
+
 class IHookFactory(Interface):
     """Builds hooks from ``[[hook]]`` tables. Register one under the ``popproxy.hooks`` entry point
     group (or name it as ``"module:attribute"``) to make a hook available to ``use``."""

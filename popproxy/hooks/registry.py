@@ -18,7 +18,7 @@ from zope.interface.exceptions import Invalid
 from zope.interface.verify import verifyObject
 
 from ..config import ConfigError, HookConfig, ProxyConfig
-from .interfaces import IHookFactory, IMessageHook, ISessionHook
+from .interfaces import IClosable, IHookFactory, IMessageHook, ISessionHook, IWantsListing
 
 ENTRY_POINT_GROUP = "popproxy.hooks"
 
@@ -47,10 +47,15 @@ class BuiltHook:
         return ISessionHook.providedBy(self.hook)
 
     @property
-    def wants_uidls(self) -> bool:
-        """Whether this session hook wants the mailbox's UIDLs (read with LIST at login); declared
-        on ``ISessionHook`` as an optional attribute, ``False`` when absent."""
-        return self.is_session_hook and bool(getattr(self.hook, "wants_uidls", False))
+    def wants_listing(self) -> bool:
+        """Whether this session hook wants the mailbox's UIDLs (``IWantsListing``: LIST and UIDL are
+        read once at login)."""
+        return self.is_session_hook and IWantsListing.providedBy(self.hook)
+
+    def close(self) -> None:
+        """Release what the hook holds, if it holds anything (``IClosable``)."""
+        if IClosable.providedBy(self.hook):
+            self.hook.close()
 
 
 def _load(reference: str) -> Any:

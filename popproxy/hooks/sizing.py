@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .interfaces import Verdict
+from .interfaces import IStaged, Verdict
 
 if TYPE_CHECKING:
     from .registry import BuiltHook
@@ -87,4 +87,4 @@ def ordered(hooks: Sequence[BuiltHook]) -> list[BuiltHook]:
     """Configured order, except hooks that ask to see the message as received (``stage =
     "received"``) run first and those that want it as delivered (``"delivered"``) run last."""
     rank: dict[str | None, int] = {"received": 0, "delivered": 2}
-    return sorted(hooks, key=lambda built: rank.get(getattr(built.hook, "stage", None), 1))
+    return sorted(hooks, key=lambda built: rank.get(built.hook.stage if IStaged.providedBy(built.hook) else None, 1))

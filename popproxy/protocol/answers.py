@@ -18,9 +18,9 @@ from collections.abc import Callable
 from ..hooks.interfaces import Delivery, Verdict
 from ..hooks.sizing import HookFailure, pad_to
 from ..pop3 import capa
-from ..pop3.wire import CRLF, err, is_ok, ok, stuff_body, stuff_line, unstuff_body, unstuff_lines
+from ..pop3.wire import CRLF, err, is_ok, ok, stuff_body, stuff_line, unstuff_lines
 from .mailbox import MailboxView, top_of
-from .meter import DeliveryMeter
+from .meter import DeliveryMeter, StreamingUnstuffer
 
 #: The answer to RETR or TOP of a message that a hook refused (the client leaves it on the server).
 REFUSED = err("Message temporarily unavailable, try again later.", "SYS/TEMP")
@@ -172,9 +172,10 @@ class Metered(Answer):
 class Hooked(Answer):
     """RETR n, or TOP n k fetched as ``TOP n <whole>``, of a message that message hooks see.
 
-    The body is collected (at most twice the listed size plus 1 KiB: an upstream that sends more is
-    refused, not buffered), un-stuffed and offered to the hooks (``wants_hooks``); ``finish`` turns
-    their result into the client's answer, padded to the size LIST announced.
+    The body is un-stuffed as it arrives and collected (at most twice the listed size plus 1 KiB, as
+    some servers list sizes before their LF-to-CRLF conversion; an upstream that sends more is
+    refused, not buffered), then offered to the hooks (``wants_hooks``); ``finish`` turns their
+    result into the client's answer, padded to the size LIST announced.
     """
 
     def __init__(self, command: str, number: int, top_lines: int | None, mailbox: MailboxView,
@@ -186,8 +187,8 @@ class Hooked(Answer):
         self._mailbox = mailbox
         self._report = report
         self._wanted = wanted_headers
-        self._parts: list[bytes] = []
-        self._size = 0
+        self._unstuffer = StreamingUnstuffer()
+        self._collected = bytearray()
         self._limit = 2 * mailbox.sizes[number] + 1024
         self.overflow = False
         self._message: bytes | None = None
@@ -197,12 +198,11 @@ class Hooked(Answer):
         return b"" if has_body else line
 
     def body(self, data: bytes) -> bytes:
-        self._size += len(data)
-        if self._size > self._limit:
-            self.overflow = True
-            self._parts.clear()
-        elif not self.overflow:
-            self._parts.append(data)
+        if not self.overflow:
+            self._collected += self._unstuffer.feed(data)
+            if len(self._collected) > self._limit:
+                self.overflow = True
+                self._collected = bytearray()
         return b""
 
     def end(self) -> bytes:
@@ -212,8 +212,9 @@ class Hooked(Answer):
                 self._report(delivery(self.command, self.fetch or 0, self._mailbox, None, scanned=False, outcome="error"))
             return b""
         if not self.overflow:
-            self._message = unstuff_body(b"".join(self._parts))
-        self._parts = []
+            self._collected += self._unstuffer.finish()
+            self._message = bytes(self._collected)
+        self._collected = bytearray()
         return b""
 
     @property

@@ -95,7 +95,7 @@ def hook_plan(hooks: tuple[BuiltHook, ...]) -> HookPlan:
     """What sessions need to know about ``hooks``, worked out once per configuration."""
     events = SessionEvents(hooks)
     session_hooks = [built for built in hooks if built.is_session_hook]
-    listing = [built for built in session_hooks if built.wants_uidls]
+    listing = [built for built in session_hooks if built.wants_listing]
     return HookPlan(
         hooks=hooks,
         report_deliveries=bool(events),

@@ -5,9 +5,11 @@ every named reason to stop handling a leg (``machine.Hold``) and decides when a 
 What it cannot know by itself is when a transport's write buffer is full. Twisted says so by
 pausing the transport's registered producer (``IConsumer.registerProducer``; a ``FileDescriptor``
 pauses it once more than ``bufferSize``, 64 KiB, is waiting, and resumes it when the buffer drains).
-So each leg's transport gets a ``LegProducer`` as soon as it is connected, and that producer only
-reports; the machine answers with ``PauseReading``/``ResumeReading`` effects for the *other* leg's
-socket, and with holds on its own work.
+So each leg's transport gets a ``LegProducer`` when the session takes it: the client's as soon as it
+connects, the upstream's when the login hands it over (before that, only the login's few short
+commands are written to it). The producer only reports; the machine answers with
+``PauseReading``/``ResumeReading`` effects for the *other* leg's socket, and with holds on its own
+work.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from zope.interface import implementer
 
-from popproxy.hooks.interfaces import IHookFactory, IMessageHook, ISessionHook, MessageContext, Verdict
+from popproxy.hooks.interfaces import IHookFactory, IMessageHook, IRecordsHeaders, ISessionHook, MessageContext, Verdict
 
 CLOCK: Any = None
 RECORDED: list[tuple[Any, ...]] = []
@@ -71,7 +71,7 @@ class TaggerFactory:
 tagger = TaggerFactory()
 
 
-@implementer(ISessionHook)
+@implementer(ISessionHook, IRecordsHeaders)
 class Recorder:
     wanted_headers = ("Subject",)
 
