@@ -381,3 +381,43 @@ def test_reader_survives_any_bytes(data: bytes, sizes: list[int], bodies: list[b
         offset += sizes[i % len(sizes)]
         i += 1
     assert all(kind in ("status", "body", "end", "too long") for kind, _ in recorder.events)
+
+
+def test_reader_queues_chunks_without_copying_what_is_buffered() -> None:
+    """Linear framing: 16 MiB fed in 64 KiB chunks to a paused reader (a hook at work) is kept as it
+    came. A reader that joins its whole buffer on every chunk (quadratic time) makes a second copy
+    of everything queued each time: its allocation peak is twice what it holds."""
+    import tracemalloc
+
+    class Counter:
+        octets = 0
+
+        def status_received(self, line: bytes) -> bool:
+            return True
+
+        def body_received(self, data: bytes) -> None:
+            self.octets += len(data)
+
+        def body_ended(self) -> None:
+            pass
+
+        def line_too_long(self) -> None:
+            raise AssertionError("limits")
+
+    counter = Counter()
+    reader = ResponseReader(counter)
+    reader.feed(b"+OK\r\n")
+    reader.pause()
+    chunk = (b"z" * 1022 + b"\r\n") * 64
+    tracemalloc.start()
+    try:
+        for _ in range(256):
+            reader.feed(bytes(chunk))  # a fresh object each time, as from a socket
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert reader.pending == 256 * len(chunk)
+    assert peak < 1.25 * reader.pending, (peak, reader.pending)
+    reader.feed(b".\r\n")
+    reader.resume()
+    assert counter.octets == 256 * len(chunk) + 3 and reader.pending == 0

@@ -94,17 +94,11 @@ class UpstreamConnector:
         if not name:
             # login_as = "{domain}" for a user without a domain, say: nothing to log in as.
             raise UpstreamRefused(None)
-        protocol = await self._connect(upstream, log_fields)
-        login = ensureDeferred(
-            protocol.log_in(
-                name.encode("utf-8"),
-                password,
-                starttls=upstream.tls == "starttls",
-            )
-        )
+        protocol = await self._connect(upstream, name.encode("utf-8"), password, log_fields, listing_limit)
+        login = protocol.login_result
         login.addTimeout(LOGIN_DEADLINE, self._reactor)
         try:
-            await login
+            succeeded = await login
         except UpstreamRefused:
             protocol.quit()
             raise
@@ -114,22 +108,21 @@ class UpstreamConnector:
         except UpstreamUnavailable:
             protocol.abort()
             raise
-        except Exception as error:  # connection lost during login, TLS verification failure, ...
+        except Exception as error:
             protocol.abort()
             raise UpstreamUnavailable(describe(error)) from None
-        if listing_limit is None:
-            return LoggedIn(protocol, None)
-        try:
-            return LoggedIn(protocol, await protocol.listing(listing_limit))
-        except BaseException:
-            protocol.abort()  # cancelled, or the listing failed: no QUIT, nothing reaches UPDATE
-            raise
+        return LoggedIn(protocol, succeeded.listing)
 
-    async def _connect(self, upstream: UpstreamConfig, log_fields: dict[str, object]) -> UpstreamProtocol:
+    async def _connect(self, upstream: UpstreamConfig, name: bytes, password: bytes, log_fields: dict[str, object],
+                       listing_limit: int | None) -> UpstreamProtocol:
         """Try each address in turn; the first that accepts the TCP connection wins."""
         failures = []
         for address in upstream.addresses:
             protocol = UpstreamProtocol(
+                name,
+                password,
+                starttls=upstream.tls == "starttls",
+                listing_limit=listing_limit,
                 tls=client_tls(upstream) if upstream.tls == "starttls" else None,
                 log_fields=log_fields,
                 clock=self._reactor,

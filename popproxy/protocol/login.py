@@ -1,0 +1,271 @@
+"""Logging in upstream, as a machine with no I/O and no Twisted: greeting, CAPA, STLS, USER, PASS,
+and LIST and UIDL when the hooks need them.
+
+One request at a time, each answer collected whole and bounded. The next request is decided when an
+answer is complete; anything already received beyond that answer was sent before anything was asked,
+so it is an unsolicited line and the upstream is not believed any further (an answer it could be
+taken for has not been asked yet). After ``+OK`` to STLS the same bytes are the RFC 2595 §4 /
+RFC 3207 §6 injection: discarded, and the handshake starts.
+
+No credential is ever sent before the upstream's TLS handshake has completed (with the certificate
+verified) where the upstream is configured for STLS: USER is only asked after ``tls_ready``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..pop3 import capa
+from ..pop3.framing import ResponseReader, body_limit
+from ..pop3.wire import CRLF, is_ok, response_code, unstuff_lines
+from .mailbox import parse_listing
+
+# RFC 1939 §3 caps a status line at 512 octets; leave room for servers that exceed it a little.
+MAX_STATUS_LINE = 8192
+#: The largest login answer collected (CAPA, the greeting); LIST and UIDL have their own bound.
+ANSWER_LIMIT = 65536
+
+Listing = tuple[dict[int, int], dict[int, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class SendLine:
+    line: bytes = field(repr=False)  # USER and PASS lines carry credentials
+
+
+@dataclass(frozen=True, slots=True)
+class BeginTLS:
+    """Start TLS on the upstream connection (its ``+OK`` to STLS arrived)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Warn:
+    text: str
+    fields: dict[str, object]
+
+
+@dataclass(frozen=True, slots=True)
+class Succeeded:
+    capabilities: list[bytes]
+    listing: Listing | None
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """``refused``: the upstream's verdict on the credentials (``code``, RFC 3206); otherwise the
+    upstream is unavailable and ``reason`` says why (never holding a credential)."""
+
+    refused: bool
+    code: str | None
+    reason: str
+
+
+LoginEffect = SendLine | BeginTLS | Warn | Succeeded | Failed
+
+
+class Step(enum.Enum):
+    GREETING = "greeting"
+    CAPA = "CAPA"
+    STLS = "STLS"
+    HANDSHAKE = "TLS handshake"
+    USER = "USER"
+    PASS = "PASS"
+    LIST = "LIST"
+    UIDL = "UIDL"
+    DONE = "done"
+
+
+_MULTILINE = (Step.CAPA, Step.LIST, Step.UIDL)
+
+
+class UpstreamLogin:
+    """One login conversation. Feed it the upstream's bytes (``data``), the end of its TLS handshake
+    (``tls_ready``) and the end of the connection (``lost``); it emits what to send and, once, how
+    it ended (``Succeeded`` or ``Failed``)."""
+
+    def __init__(self, name: bytes, password: bytes, emit: Callable[[LoginEffect], None], *, starttls: bool,
+                 listing_limit: int | None = None, max_body_line: int | None = None) -> None:
+        self._name = name
+        self._password = password
+        self._emit = emit
+        self._starttls = starttls
+        self._listing_limit = listing_limit
+        self._reader = ResponseReader(_Answers(self), MAX_STATUS_LINE, max_body_line)
+        self.step = Step.GREETING
+        self._tls_done = False
+        self.capabilities: list[bytes] = []
+        self._sizes: dict[int, int] = {}
+        self._status = b""
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.step is Step.DONE
+
+    @property
+    def waiting(self) -> bool:
+        """An answer is due (for the glue's watchdog)."""
+        return self.step not in (Step.DONE, Step.HANDSHAKE)
+
+    # -- inputs ---------------------------------------------------------------------------------------
+
+    def data(self, data: bytes) -> None:
+        if not self.finished:
+            self._reader.feed(data)
+
+    def tls_ready(self) -> None:
+        if self.step is Step.HANDSHAKE:
+            self._tls_done = True
+            self._ask(Step.CAPA, b"CAPA")
+
+    def lost(self, reason: str) -> None:
+        if not self.finished:
+            self._fail(f"TLS handshake failed: {reason}" if self.step is Step.HANDSHAKE else reason)
+
+    def leftover(self) -> bytes:
+        """What arrived after the last answer: for the session, which treats it as unsolicited."""
+        return self._reader.take_buffer()
+
+    # -- the conversation -------------------------------------------------------------------------------
+
+    def _ask(self, step: Step, line: bytes) -> None:
+        self.step = step
+        self._status, self._parts, self._size = b"", [], 0
+        self._emit(SendLine(line + CRLF))
+
+    def _answered(self, status: bytes, lines: list[bytes]) -> None:
+        step = self.step
+        if self._reader.pending and step is not Step.STLS:
+            # Received before the next request was even sent: not an answer to anything.
+            self._emit(Warn("upstream sent an unsolicited line; closing", {}))
+            self._fail("unsolicited line during login")
+            return
+        if step is Step.GREETING:
+            if not is_ok(status):
+                self._fail("greeting was not +OK")
+            else:
+                self._ask(Step.CAPA, b"CAPA")
+        elif step is Step.CAPA:
+            names = capa.names(lines) if is_ok(status) else frozenset()
+            if self._starttls and not self._tls_done:
+                if b"STLS" not in names:
+                    self._fail("upstream does not offer STLS")
+                else:
+                    self._ask(Step.STLS, b"STLS")
+                return
+            self.capabilities = lines if is_ok(status) else []
+            self._ask(Step.USER, b"USER " + self._name)
+        elif step is Step.STLS:
+            if not is_ok(status):
+                self._fail("upstream refused STLS")
+                return
+            # RFC 2595 §4 / RFC 3207 §6: whatever followed the +OK in plain text was not protected
+            # by TLS; a man in the middle may have appended answers to commands not sent yet.
+            injected = self._reader.take_buffer()
+            if injected:
+                self._emit(Warn("upstream sent {count} bytes in plain text after +OK to STLS; discarded",
+                                {"count": len(injected)}))
+            self.step = Step.HANDSHAKE
+            self._emit(BeginTLS())
+        elif step is Step.USER:
+            if is_ok(status):
+                self._ask(Step.PASS, b"PASS " + self._password)
+            else:
+                self._refused(status)
+        elif step is Step.PASS:
+            if not is_ok(status):
+                self._refused(status)
+            elif self._listing_limit is not None:
+                self._ask(Step.LIST, b"LIST")
+            else:
+                self._succeed(None)
+        elif step is Step.LIST:
+            if not is_ok(status):
+                self._fail("LIST/UIDL at login failed: LIST refused")
+                return
+            self._sizes = {n: int(value) for n, value in parse_listing(lines).items() if value.isdigit()}
+            self._ask(Step.UIDL, b"UIDL")
+        elif step is Step.UIDL:
+            uidls = ({n: value.decode("ascii", "replace") for n, value in parse_listing(lines).items()}
+                     if is_ok(status) else {})
+            self._succeed((self._sizes, uidls))
+
+    def _refused(self, status: bytes) -> None:
+        code = response_code(status)
+        if code is None and b"AUTH-RESP-CODE" in capa.names(self.capabilities):
+            # RFC 3206 §6: an upstream that announces AUTH-RESP-CODE marks credential failures with
+            # [AUTH]; a refusal without it is about something else (shutting down, say).
+            self._fail("login refused without [AUTH] by an AUTH-RESP-CODE upstream")
+            return
+        self.step = Step.DONE
+        self._emit(Failed(True, code, f"upstream said {code or 'no'}"))
+
+    def _succeed(self, listing: Listing | None) -> None:
+        self.step = Step.DONE
+        self._emit(Succeeded(self.capabilities, listing))
+
+    def _fail(self, reason: str) -> None:
+        self.step = Step.DONE
+        self._reader.pause()
+        self._emit(Failed(False, None, reason))
+
+    # -- answers (from the reader) ------------------------------------------------------------------------
+
+    def _status_line(self, line: bytes) -> bool:
+        if self.step in (Step.DONE, Step.HANDSHAKE):
+            self._emit(Warn("upstream sent an unsolicited line; closing", {}))
+            self._fail("unsolicited line during login")
+            return False
+        if self.step is not Step.GREETING and not (line.startswith(b"+OK") or line.startswith(b"-ERR")):
+            # RFC 1939 §3: every status line starts with +OK or -ERR. (A bad greeting is refused by
+            # name when it is looked at.)
+            self._emit(Warn("upstream sent a line that is neither +OK nor -ERR; closing", {}))
+            self._fail(f"not a status line in answer to {self.step.value}")
+            return False
+        has_body = self.step in _MULTILINE and is_ok(line)
+        if not has_body:
+            self._answered(line, [])
+            return False
+        self._status = line
+        self._reader.body_limit = body_limit(line)
+        return True
+
+    def _body(self, data: bytes) -> None:
+        self._size += len(data)
+        limit = self._listing_limit if self.step in (Step.LIST, Step.UIDL) else ANSWER_LIMIT
+        if limit is not None and self._size > limit:
+            self._fail(f"{self.step.value} answer larger than {limit} bytes")
+            return
+        self._parts.append(data)
+
+    def _body_ended(self) -> None:
+        if self.finished:
+            return
+        body, self._parts = b"".join(self._parts), []
+        self._answered(self._status, unstuff_lines(body))
+
+    def _too_long(self) -> None:
+        self._emit(Warn("upstream sent a line or an answer beyond the limits while logging in; closing", {}))
+        self._fail("line too long during login")
+
+
+class _Answers:
+    """The login as the response reader's handler (``framing.ResponseHandler``)."""
+
+    def __init__(self, login: UpstreamLogin) -> None:
+        self._login = login
+
+    def status_received(self, line: bytes) -> bool:
+        return self._login._status_line(line)
+
+    def body_received(self, data: bytes) -> None:
+        self._login._body(data)
+
+    def body_ended(self) -> None:
+        self._login._body_ended()
+
+    def line_too_long(self) -> None:
+        self._login._too_long()

@@ -1,0 +1,152 @@
+"""The upstream login machine by event sequences: bytes in, lines out, one verdict at the end."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from popproxy.protocol.login import BeginTLS, Failed, LoginEffect, SendLine, Succeeded, UpstreamLogin, Warn
+
+GREETING = b"+OK ready\r\n"
+CAPA = b"+OK\r\nUSER\r\nPIPELINING\r\nSTLS\r\n.\r\n"
+CAPA_TLS = b"+OK\r\nUSER\r\nPIPELINING\r\nAUTH-RESP-CODE\r\n.\r\n"
+
+
+class Recorder:
+    def __init__(self, starttls: bool = False, listing_limit: int | None = None) -> None:
+        self.effects: list[LoginEffect] = []
+        self.login = UpstreamLogin(b"alice", b"s3cret", self.effects.append, starttls=starttls,
+                                   listing_limit=listing_limit)
+
+    def take(self) -> list[LoginEffect]:
+        effects = list(self.effects)
+        self.effects.clear()
+        return effects
+
+
+def sent(effects: list[LoginEffect]) -> list[bytes]:
+    return [effect.line for effect in effects if isinstance(effect, SendLine)]
+
+
+def test_plain_login_one_request_at_a_time() -> None:
+    r = Recorder()
+    r.login.data(GREETING)
+    assert r.take() == [SendLine(b"CAPA\r\n")]
+    r.login.data(CAPA)
+    assert r.take() == [SendLine(b"USER alice\r\n")]
+    r.login.data(b"+OK\r\n")
+    assert r.take() == [SendLine(b"PASS s3cret\r\n")]
+    r.login.data(b"+OK Logged in.\r\n")
+    assert r.take() == [Succeeded([b"USER", b"PIPELINING", b"STLS"], None)]
+    assert r.login.finished
+
+
+def test_no_credential_before_the_tls_handshake_and_injection_discarded() -> None:
+    r = Recorder(starttls=True)
+    r.login.data(GREETING)
+    r.login.data(CAPA[:7])
+    r.login.data(CAPA[7:])
+    assert sent(r.take()) == [b"CAPA\r\n", b"STLS\r\n"]
+    r.login.data(b"+OK Begin TLS\r\n+OK injected\r\n")
+    effects = r.take()
+    assert effects[-1] == BeginTLS() and isinstance(effects[0], Warn)
+    assert sent(effects) == []
+    r.login.data(b"+OK surprise\r\n")  # before the handshake is done: nobody asked
+    assert isinstance(r.take()[-1], Failed)
+    assert r.login.finished
+
+
+def test_after_the_handshake_capa_again_then_credentials() -> None:
+    r = Recorder(starttls=True)
+    r.login.data(GREETING)
+    r.login.data(CAPA)
+    r.login.data(b"+OK\r\n")
+    r.take()
+    r.login.tls_ready()
+    assert r.take() == [SendLine(b"CAPA\r\n")]
+    r.login.data(CAPA_TLS)
+    assert r.take() == [SendLine(b"USER alice\r\n")]
+    r.login.data(b"+OK\r\n")
+    assert r.take() == [SendLine(b"PASS s3cret\r\n")]
+    r.login.data(b"-ERR [AUTH] no\r\n")
+    assert r.take() == [Failed(True, "AUTH", "upstream said AUTH")]
+
+
+def test_stls_stripped_or_refused_fails_without_credentials() -> None:
+    for capa, answer, reason in ((b"+OK\r\nUSER\r\n.\r\n", None, "upstream does not offer STLS"),
+                                 (CAPA, b"-ERR no TLS today\r\n", "upstream refused STLS")):
+        r = Recorder(starttls=True)
+        r.login.data(GREETING)
+        r.login.data(capa)
+        if answer is not None:
+            r.login.data(answer)
+        effects = r.take()
+        assert effects[-1] == Failed(False, None, reason)
+        assert not any(line.startswith((b"USER", b"PASS")) for line in sent(effects))
+
+
+def test_unsolicited_line_after_an_answer_fails_the_login() -> None:
+    r = Recorder()
+    r.login.data(GREETING + b"+OK and another\r\n")
+    effects = r.take()
+    assert sent(effects) == [] and effects[-1] == Failed(False, None, "unsolicited line during login")
+
+
+def test_bad_greeting_and_refusal_without_auth_code() -> None:
+    r = Recorder()
+    r.login.data(b"* OK IMAP here\r\n")
+    assert r.take() == [Failed(False, None, "greeting was not +OK")]
+    r = Recorder()
+    r.login.data(GREETING)
+    r.login.data(CAPA_TLS)
+    r.login.data(b"+OK\r\n")
+    r.login.data(b"-ERR Shutting down\r\n")
+    assert r.take()[-1] == Failed(False, None, "login refused without [AUTH] by an AUTH-RESP-CODE upstream")
+
+
+def test_listing_after_login_and_its_bound() -> None:
+    r = Recorder(listing_limit=100)
+    for answer in (GREETING, CAPA, b"+OK\r\n", b"+OK\r\n"):
+        r.login.data(answer)
+    assert sent(r.take())[-1] == b"LIST\r\n"
+    r.login.data(b"+OK 2 messages\r\n1 120\r\n2 300\r\n.\r\n")
+    assert r.take() == [SendLine(b"UIDL\r\n")]
+    r.login.data(b"+OK\r\n1 aaa\r\n2 bbb\r\n.\r\n")
+    assert r.take() == [Succeeded([b"USER", b"PIPELINING", b"STLS"], ({1: 120, 2: 300}, {1: "aaa", 2: "bbb"}))]
+    r = Recorder(listing_limit=100)
+    for answer in (GREETING, CAPA, b"+OK\r\n", b"+OK\r\n"):
+        r.login.data(answer)
+    r.take()
+    r.login.data(b"+OK\r\n" + b"".join(b"%d 1000\r\n" % n for n in range(1, 50)))
+    assert r.take() == [Failed(False, None, "LIST answer larger than 100 bytes")]
+
+
+def test_connection_lost_during_the_handshake_is_named() -> None:
+    r = Recorder(starttls=True)
+    r.login.data(GREETING)
+    r.login.data(CAPA)
+    r.login.data(b"+OK\r\n")
+    r.take()
+    r.login.lost("SSL.Error: certificate verify failed")
+    assert r.take() == [Failed(False, None, "TLS handshake failed: SSL.Error: certificate verify failed")]
+    r.login.lost("again")
+    assert r.take() == []  # one verdict only
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=12), max_size=30))
+def test_any_chunking_of_a_conversation_gives_the_same_result(cuts: list[int]) -> None:
+    """The upstream's bytes, cut anywhere, give the same requests and the same verdict: each answer
+    is fed only once its request was sent (a real upstream answers what it was asked)."""
+    answers = [GREETING, CAPA, b"+OK\r\n", b"+OK\r\n", b"+OK\r\n1 5\r\n.\r\n", b"+OK\r\n1 x\r\n.\r\n"]
+    r = Recorder(listing_limit=1000)
+    for answer in answers:
+        position = 0
+        for cut in [*cuts, len(answer)]:
+            r.login.data(answer[position : position + cut])
+            position += cut
+            if position >= len(answer):
+                break
+    effects = r.take()
+    assert sent(effects) == [b"CAPA\r\n", b"USER alice\r\n", b"PASS s3cret\r\n", b"LIST\r\n", b"UIDL\r\n"]
+    assert effects[-1] == Succeeded([b"USER", b"PIPELINING", b"STLS"], ({1: 5}, {1: "x"}))
