@@ -126,7 +126,7 @@ class ListenerConfig:
 
         Implicit TLS behind HAProxy must listen on the inner endpoint and wrap TLS itself: the
         ``haproxy:`` wrapper expects the PROXY header inside TLS, while HAProxy sends it before the
-        ClientHello (TWISTED-NOTES gotcha 2).
+        ClientHello (the PROXY protocol spec, §2: the header is the first thing on the connection).
         """
         return self.endpoint.removeprefix("haproxy:")
 

@@ -79,8 +79,8 @@ def listening_factory(
     """Add implicit TLS to ``factory`` where the listener asks for it.
 
     TLS is added here rather than with an ``ssl:`` endpoint so that it sits *inside* the PROXY-header
-    reader: load balancers send the header in clear text before the ClientHello (TWISTED-NOTES
-    gotcha 2).
+    reader: load balancers send the header in clear text before the ClientHello (the PROXY protocol
+    spec, §2: the header is the first thing on the connection).
     """
     if listener.tls == "implicit":
         assert server_tls is not None

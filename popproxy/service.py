@@ -92,8 +92,9 @@ class ProxyService(MultiService):
             config=str(self.config.path),
         )
         if self.handle_signals:
-            # twistd installs no SIGHUP handler. Signal handlers run between bytecodes: hop onto the
-            # reactor before touching anything (TWISTED-NOTES §10).
+            # twistd installs no SIGHUP handler. Python runs signal handlers between bytecodes (the
+            # ``signal`` module's docs), anywhere in the reactor's work: hop onto the reactor with
+            # callFromThread, its one thread-safe entry point, before touching anything.
             self._previous_hup = signal.signal(
                 signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload)  # type: ignore[attr-defined]
             )

@@ -2,8 +2,8 @@
 upstream client options (chain and host name verification), plus the facts worth logging.
 
 Keys and certificates are loaded with ``cryptography`` and handed to Twisted's ``CertificateOptions``
-as cryptography objects: pyOpenSSL 26 warns when given its own ``PKey``/``X509`` (TWISTED-NOTES
-gotcha 11). Everything that can be wrong with a file is reported as a ``ConfigError`` at load time,
+as cryptography objects: pyOpenSSL deprecates its own ``PKey``/``X509`` in its APIs and warns when
+given them (pyOpenSSL's changelog, 24.3.0). Everything that can be wrong with a file is reported as a ``ConfigError`` at load time,
 never in the middle of a client's handshake.
 """
 
@@ -357,7 +357,8 @@ def tls_facts(transport: object) -> dict[str, str]:
 
     Returns ``{}`` for a plaintext transport or a handshake not yet finished. Reads the
     ``OpenSSL.SSL.Connection`` from ``getHandle()``, which also works behind the ``haproxy:``
-    wrapper where ``ISSLTransport`` is not provided (TWISTED-NOTES gotcha 4). Never raises: it is
+    wrapper, which copies its transport's interfaces when the connection is made, so that
+    ``ISSLTransport`` is not provided after STLS (``twisted.protocols.policies.ProtocolWrapper``). Never raises: it is
     called from logging paths. ``peer_cert_sha256`` is ``""`` when the peer sent no certificate
     (the client leg, normally).
     """

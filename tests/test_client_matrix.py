@@ -325,7 +325,7 @@ def test_fetchmail_checks_the_proxy_certificate(matrix: Matrix, listener: str, t
 def test_fetchmail_checks_the_proxy_certificate_name(matrix: Matrix, tmp_path: Path) -> None:
     """fetchmail compares the name it was told to poll with the certificate's DNS names only: polling
     ``127.0.0.1`` fails although the proxy's certificate has that IP address in its subjectAltName
-    (PROTOCOL-NOTES), which is why every other run polls ``localhost``."""
+    (seen with fetchmail 6.4), which is why every other run polls ``localhost``."""
     run = run_fetchmail(tmp_path, matrix.port("implicit", "none"), "implicit", uidl=False,
                         cafile=matrix.cafile, host="127.0.0.1")
     assert run.returncode == 2, run.transcript

@@ -11,7 +11,9 @@ connection, never a shifted answer or a message that looks complete but is not),
 that no ``QUIT`` reached the upstream on the client's behalf, and, where an upstream floods the proxy,
 that the proxy's memory stays bounded (``tracemalloc``, the proxy being in this process).
 
-PROTOCOL-NOTES pitfalls 9, 18, 21 and 22; the issue: "Upstream refuses, hangs, resets mid-command,
+Upstream response injection after STLS (RFC 2595 §4, RFC 3207 §6), line and answer bounds (RFC 1939
+§3, RFC 2449 §4), answers paired with commands under pipelining (RFC 2449 §6.6), exact sizes (RFC
+1939 §5, §7); the issue: "Upstream refuses, hangs, resets mid-command,
 closes mid-RETR, or answers garbage ... Each case: the affected session gets a clear answer or a
 clean close, other sessions are unaffected, the log says what happened, and no mail is lost or
 delivered truncated."

@@ -2,8 +2,8 @@
 
 ``DovecotServer`` writes a self-contained configuration (it never includes ``/etc/dovecot``), a
 passwd-file and one maildir per user into a work directory, runs ``dovecot -F -c FILE`` as a child
-process and waits until the plain (STLS-capable) and implicit-TLS listeners both greet. See
-PROTOCOL-NOTES.md, "Real servers as test fixtures", for why each setting is there.
+process and waits until the plain (STLS-capable) and implicit-TLS listeners both greet. The
+comments in ``render_config`` say why each setting is there.
 
 Facts this module relies on, checked against Dovecot 2.3.19 (and asserted by
 ``tests/test_dovecot_fixture.py``):

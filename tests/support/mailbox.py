@@ -5,7 +5,8 @@ Every message is returned as the bytes a client holds after un-dot-stuffing a ``
 gives the same bytes, so a failing test can be replayed, and each message carries a ``Message-ID``
 that is unique across seeds.
 
-The corpus deliberately covers what breaks POP3 proxies (PROTOCOL-NOTES pitfalls 18, 20, 22, 25):
+The corpus deliberately covers what breaks POP3 proxies (dot-stuffing, RFC 1939 §3; line lengths;
+exact sizes, RFC 1939 §5; large messages):
 lines that are exactly ``.`` (also as the very last line), ``..``, ``.foo``; MIME multipart with base64
 attachments; raw UTF-8 in headers and body (RFC 6532, 8-bit clean transport); lines of the full
 998 octets RFC 5322 §2.1.1 allows; a message with an empty body; and optionally one message of several
