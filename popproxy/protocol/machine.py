@@ -29,11 +29,11 @@ through a decision.
 from __future__ import annotations
 
 import enum
+import functools
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import ParamSpec, Protocol
 
 from zope.interface import implementer
 
@@ -98,6 +98,7 @@ WHOLE_MESSAGE_LINES = 99999999
 # RFC 1939 §3 caps a status line at 512 octets; leave room for servers that exceed it a little.
 MAX_STATUS_LINE = 8192
 
+_P = ParamSpec("_P")
 _FETCHES = (b"RETR", b"TOP")
 _COMMITTING = (b"DELE", b"QUIT")  # must wait until every fetch before them was delivered
 
@@ -317,6 +318,28 @@ class _Entry:
         return self.answer is None
 
 
+def _settles(method: Callable[_P, None]) -> Callable[_P, None]:
+    """Make ``method`` an input of the machine: when the outermost input is done, settle.
+
+    Inputs that arrive while an effect is carried out (a transport pausing its producer in the
+    middle of a write, a hook that answers at once) only change state; the outer input settles.
+    """
+
+    @functools.wraps(method)
+    def input_(*args: _P.args, **kwargs: _P.kwargs) -> None:
+        machine = args[0]
+        assert isinstance(machine, SessionMachine)
+        machine._nesting += 1
+        try:
+            method(*args, **kwargs)
+        finally:
+            machine._nesting -= 1
+        if machine._nesting == 0:
+            machine._settle()
+
+    return input_
+
+
 @implementer(IUpstreamReceiver, IFlowTarget)
 class SessionMachine:
     """One client session, from greeting to close. See the module docstring."""
@@ -352,8 +375,11 @@ class SessionMachine:
         self._queue: deque[_Entry] = deque()
         self._outgoing: deque[_Entry] = deque()
         self._inflight: deque[_Entry] = deque()
-        self._holds: dict[Leg, set[Hold]] = {Leg.CLIENT: set(), Leg.UPSTREAM: set()}
-        self._paused: dict[Leg, bool] = {Leg.CLIENT: False, Leg.UPSTREAM: False}
+        # Named reasons to stop handling each leg's input, and whether each socket is paused.
+        self._client_holds: set[Hold] = set()
+        self._upstream_holds: set[Hold] = set()
+        self._client_paused = False
+        self._upstream_paused = False
         self._upstream_blocked = False  # the upstream's write buffer is full
         self._upstream_attached = False
         self._upstream_pipelining = False
@@ -375,46 +401,46 @@ class SessionMachine:
     # inputs
     # ==================================================================================================
 
+    @_settles
     def connected(self, greet: bool = True) -> None:
         """The client connected (and was admitted, with ``greet``)."""
-        with self._input():
-            self._set_session_timer(self._limits.login_timeout)
-            if self._handshaking:
-                self._emit(SetTimer(Timer.TLS, self._limits.tls_handshake_timeout))
-            if greet:
-                # RFC 1939 §4: the greeting. No APOP timestamp (APOP is not offered) and no software
-                # name or version (nothing to fingerprint).
-                self._write(GREETING)
+        self._set_session_timer(self._limits.login_timeout)
+        if self._handshaking:
+            self._emit(SetTimer(Timer.TLS, self._limits.tls_handshake_timeout))
+        if greet:
+            # RFC 1939 §4: the greeting. No APOP timestamp (APOP is not offered) and no software
+            # name or version (nothing to fingerprint).
+            self._write(GREETING)
 
+    @_settles
     def refuse(self, answer: bytes, reason: str) -> None:
         """Turn the client away before anything else (a session limit)."""
-        with self._input():
-            self._write(answer)
-            self._close(reason)
+        self._write(answer)
+        self._close(reason)
 
+    @_settles
     def client_tls_ready(self) -> None:
         """The client leg's TLS handshake is complete (application data arrived over it)."""
-        with self._input():
-            if self._handshaking:
-                self._handshaking = False
-                self._emit(CancelTimer(Timer.TLS))
-                self._emit(Notify("tls_started", ()))
+        if self._handshaking:
+            self._handshaking = False
+            self._emit(CancelTimer(Timer.TLS))
+            self._emit(Notify("tls_started", ()))
 
+    @_settles
     def client_data(self, data: bytes) -> None:
-        with self._input():
-            if self.state is State.CLOSED:
-                return
-            self.bytes_in += len(data)
-            self._lines.feed(data)
+        if self.state is State.CLOSED:
+            return
+        self.bytes_in += len(data)
+        self._lines.feed(data)
 
+    @_settles
     def output_blocked(self, leg: Leg, blocked: bool) -> None:
         """A leg's transport asks its producer to pause (its write buffer is full) or resume."""
-        with self._input():
-            if leg is Leg.CLIENT:
-                for side in (Leg.CLIENT, Leg.UPSTREAM):
-                    self._set_hold(side, Hold.CLIENT_OUTPUT, blocked)
-            else:
-                self._upstream_blocked = blocked
+        if leg is Leg.CLIENT:
+            for side in (Leg.CLIENT, Leg.UPSTREAM):
+                self._set_hold(side, Hold.CLIENT_OUTPUT, blocked)
+        else:
+            self._upstream_blocked = blocked
 
     def upstream_attached(self, capabilities: Sequence[bytes]) -> None:
         """The logged-in upstream connection now sends its bytes here (``upstream_data``)."""
@@ -422,187 +448,177 @@ class SessionMachine:
         self._upstream_capabilities = capa.names(capabilities)
         self._upstream_pipelining = b"PIPELINING" in self._upstream_capabilities
 
+    @_settles
     def logged_in(self, listing: tuple[dict[int, int], dict[int, str]] | None = None) -> None:
         """The upstream accepted the credentials (and, if asked, sent LIST and UIDL)."""
-        with self._input():
-            self._release(Leg.CLIENT, Hold.LOGIN)
-            assert self.attempt is not None
-            user, upstream = self.attempt
-            if self.state is State.CLOSED:
-                self._after_late_login()
+        self._release(Leg.CLIENT, Hold.LOGIN)
+        assert self.attempt is not None
+        user, upstream = self.attempt
+        if self.state is State.CLOSED:
+            self._after_late_login()
+            return
+        if self._draining:
+            self._emit(AbortUpstream("shutdown"))
+            self._write(SHUTTING_DOWN)
+            self._close("shutdown")
+            return
+        guard = self.settings.guard
+        if guard is not None:
+            if not guard.user_admit(user):
+                self._log("warn", "session {session_id}: {user} has too many sessions; refused", user=user)
+                self._emit(AbortUpstream("too many sessions for user"))  # no QUIT: nothing reaches UPDATE
+                self._notify_authenticated("refused", "IN-USE", user, upstream)
+                self._answer(USER_IN_USE)
+                self._close("too many sessions for user")
+                self.state = State.AUTHORIZATION
                 return
-            if self._draining:
-                self._emit(AbortUpstream("shutdown"))
-                self._write(SHUTTING_DOWN)
-                self._close("shutdown")
-                return
-            guard = self.settings.guard
-            if guard is not None:
-                if not guard.user_admit(user):
-                    self._log("warn", "session {session_id}: {user} has too many sessions; refused", user=user)
-                    self._emit(AbortUpstream("too many sessions for user"))  # no QUIT: nothing reaches UPDATE
-                    self._notify_authenticated("refused", "IN-USE", user, upstream)
-                    self._answer(USER_IN_USE)
-                    self._close("too many sessions for user")
-                    self.state = State.AUTHORIZATION
-                    return
-                self._counted_user = user
-            self.state = State.TRANSACTION
-            self.user, self.upstream_name = user, upstream
-            if listing is not None:
-                sizes, uidls = listing
-                self.mailbox = MailboxView(sizes, uidls, self.settings.plan.message_hooks(user), self.settings.cache)
-            self._log("info", "session {session_id}: {user} logged in to {upstream}",
-                      event="login", user=user, upstream=upstream, result="ok")
-            self._set_session_timer(self._limits.idle_timeout)
-            self._notify_authenticated("ok", None, user, upstream)
-            self._answer(ok("Logged in."))
+            self._counted_user = user
+        self.state = State.TRANSACTION
+        self.user, self.upstream_name = user, upstream
+        if listing is not None:
+            sizes, uidls = listing
+            self.mailbox = MailboxView(sizes, uidls, self.settings.plan.message_hooks(user), self.settings.cache)
+        self._log("info", "session {session_id}: {user} logged in to {upstream}",
+                  event="login", user=user, upstream=upstream, result="ok")
+        self._set_session_timer(self._limits.idle_timeout)
+        self._notify_authenticated("ok", None, user, upstream)
+        self._answer(ok("Logged in."))
 
+    @_settles
     def login_failed(self, refused: bool, code: str | None, reason: str) -> None:
         """The login did not succeed: ``refused`` by the upstream (with its RFC 3206 ``code``), or
         the upstream was unavailable (``reason`` says why, for the log)."""
-        with self._input():
-            self._release(Leg.CLIENT, Hold.LOGIN)
-            if self.state is State.CLOSED:
-                return
-            self.state = State.AUTHORIZATION
-            assert self.attempt is not None
-            user, upstream = self.attempt
-            if refused and code in PASSED_LOGIN_CODES:
-                answer, code, result = err(_LOGIN_CODE_TEXT[code], code), code, "refused"
-            elif refused:
-                answer, code, result = AUTH_FAILED, "AUTH", "refused"
-            else:
-                answer, code, result = UPSTREAM_DOWN, "SYS/TEMP", "unavailable"
-            self._log("info", "session {session_id}: login for {user} at {upstream} failed: {reason}",
-                      event="login", user=user, upstream=upstream, result=result, code=code,
-                      reason=reason if result == "unavailable" else f"upstream said {code or 'no'}")
-            self._notify_authenticated(result, code, user, upstream)
-            if result == "refused":
-                self._login_refused(answer)
-            else:
-                # [SYS/TEMP]: the upstream is down; not the client's fault, not a failed login.
-                self._answer(answer)
+        self._release(Leg.CLIENT, Hold.LOGIN)
+        if self.state is State.CLOSED:
+            return
+        self.state = State.AUTHORIZATION
+        assert self.attempt is not None
+        user, upstream = self.attempt
+        if refused and code in PASSED_LOGIN_CODES:
+            answer, code, result = err(_LOGIN_CODE_TEXT[code], code), code, "refused"
+        elif refused:
+            answer, code, result = AUTH_FAILED, "AUTH", "refused"
+        else:
+            answer, code, result = UPSTREAM_DOWN, "SYS/TEMP", "unavailable"
+        self._log("info", "session {session_id}: login for {user} at {upstream} failed: {reason}",
+                  event="login", user=user, upstream=upstream, result=result, code=code,
+                  reason=reason if result == "unavailable" else f"upstream said {code or 'no'}")
+        self._notify_authenticated(result, code, user, upstream)
+        if result == "refused":
+            self._login_refused(answer)
+        else:
+            # [SYS/TEMP]: the upstream is down; not the client's fault, not a failed login.
+            self._answer(answer)
 
+    @_settles
     def upstream_data(self, data: bytes) -> None:
-        with self._input():
-            self.bytes_from_upstream += len(data)
-            self._upstream_activity = self.settings.now()
-            self._reader.feed(data)
+        self.bytes_from_upstream += len(data)
+        self._upstream_activity = self.settings.now()
+        self._reader.feed(data)
 
+    @_settles
     def upstream_lost(self, reason: str) -> None:
         """The upstream connection ended."""
-        with self._input():
-            self._upstream_attached = False
-            self._cancel_upstream_timer()
-            # Owed and not coming any more (a message already with the hooks will still be answered).
-            due = [entry for entry in self._queue if not entry.done and not entry.ticket]
-            self._inflight.clear()
-            self._outgoing.clear()
-            if self.state is State.CLOSED or self.closing:
-                return
-            head = self._queue[0] if self._queue else None
-            if head is not None and head.answer is not None and head.answer.in_body:
-                # In the middle of an answer: abort, so that the client sees a broken connection
-                # rather than a complete-looking, truncated message (no terminator follows).
-                self._abort("upstream lost mid-answer")
-                return
-            if due:
-                # Between answers: the complete answers before the broken one still go out.
-                self._drop_from(due[0])
-                self._queue_close("upstream lost")
-                return
-            if not self.quit_requested:
-                self._log("warn", "session {session_id}: upstream connection lost: {reason}", reason=reason)
-            self._queue_close("upstream closed")
+        self._upstream_attached = False
+        self._cancel_upstream_timer()
+        # Owed and not coming any more (a message already with the hooks will still be answered).
+        due = [entry for entry in self._queue if not entry.done and not entry.ticket]
+        self._inflight.clear()
+        self._outgoing.clear()
+        if self.state is State.CLOSED or self.closing:
+            return
+        head = self._queue[0] if self._queue else None
+        if head is not None and head.answer is not None and head.answer.in_body:
+            # In the middle of an answer: abort, so that the client sees a broken connection
+            # rather than a complete-looking, truncated message (no terminator follows).
+            self._abort("upstream lost mid-answer")
+            return
+        if due:
+            # Between answers: the complete answers before the broken one still go out.
+            self._drop_from(due[0])
+            self._queue_close("upstream lost")
+            return
+        if not self.quit_requested:
+            self._log("warn", "session {session_id}: upstream connection lost: {reason}", reason=reason)
+        self._queue_close("upstream closed")
 
+    @_settles
     def hooks_done(self, ticket: int, message: bytes | None, verdicts: tuple[Verdict, ...], notes: list[str]) -> None:
         """The hooks' result for ``RunHooks(ticket)``: the message to deliver, or None (refused)."""
-        with self._input():
-            entry = self._hooked.pop(ticket, None)
-            if entry is None or self.hung_up or not self._queue or self._queue[0] is not entry:
-                return
-            answer = entry.answer
-            assert isinstance(answer, Hooked)
-            self._write(answer.finish(message, verdicts, notes))
-            self._finish(entry)
+        entry = self._hooked.pop(ticket, None)
+        if entry is None or self.hung_up or not self._queue or self._queue[0] is not entry:
+            return
+        answer = entry.answer
+        assert isinstance(answer, Hooked)
+        self._write(answer.finish(message, verdicts, notes))
+        self._finish(entry)
 
+    @_settles
     def hooks_crashed(self, ticket: int) -> None:
         """The hook pipeline itself failed (a bug): the session cannot go on safely."""
-        with self._input():
-            if self._hooked.pop(ticket, None) is not None:
-                self._abort("hook pipeline crashed")
+        if self._hooked.pop(ticket, None) is not None:
+            self._abort("hook pipeline crashed")
 
+    @_settles
     def timer_fired(self, timer: Timer) -> None:
-        with self._input():
-            if self.state is State.CLOSED and timer is not Timer.UPSTREAM:
-                return
-            if timer is Timer.SESSION:
-                self._session_timer_fired()
-            elif timer is Timer.TLS:
-                if self._handshaking:
-                    self._log("info", "session {session_id}: TLS handshake timed out")
-                    self._abort("TLS handshake timeout")
-            elif timer is Timer.PENALTY:
-                pending, self._pending_login = self._pending_login, None
-                if pending is not None:
-                    self._route(*pending)
-            elif timer is Timer.UPSTREAM:
-                self._upstream_timer_fired()
+        if self.state is State.CLOSED and timer is not Timer.UPSTREAM:
+            return
+        if timer is Timer.SESSION:
+            self._session_timer_fired()
+        elif timer is Timer.TLS:
+            if self._handshaking:
+                self._log("info", "session {session_id}: TLS handshake timed out")
+                self._abort("TLS handshake timeout")
+        elif timer is Timer.PENALTY:
+            pending, self._pending_login = self._pending_login, None
+            if pending is not None:
+                self._route(*pending)
+        elif timer is Timer.UPSTREAM:
+            self._upstream_timer_fired()
 
+    @_settles
     def start_draining(self) -> None:
         """The proxy is stopping. A session that is not logged in ends now (it holds nothing); a
         logged-in one finishes what it is doing and may still QUIT, but new commands get
         ``-ERR [SYS/TEMP]``."""
-        with self._input():
-            self._draining = True
-            if self.state in (State.AUTHORIZATION, State.SASL) and not self.closing:
-                self._write(SHUTTING_DOWN)
-                self._close("shutdown")
+        self._draining = True
+        if self.state in (State.AUTHORIZATION, State.SASL) and not self.closing:
+            self._write(SHUTTING_DOWN)
+            self._close("shutdown")
 
+    @_settles
     def client_lost(self) -> None:
         """The client's connection is gone (whatever the reason)."""
-        with self._input():
-            previous = self.state
-            self.hung_up = True
-            self.state = State.CLOSED
-            self._cancel_upstream_timer_if_idle()
-            if self._counted_user is not None and self.settings.guard is not None:
-                self.settings.guard.user_left(self._counted_user)
-                self._counted_user = None
-            if self.mailbox is not None:
-                self.mailbox.forget()
-            pending = self._buffered_through_quit()
-            if previous is State.LOGGING_IN:
-                if pending is not None and not any(c.verb in _FETCHES for c in pending):
-                    # A QUIT behind a login in flight is still delivered (RFC 1939 §6): let the login
-                    # finish, then send what the client sent through its QUIT.
-                    self._after_hangup = pending
-                    return
-                if self.attempt is not None:
-                    user, upstream = self.attempt
-                    self._log("info", "session {session_id}: login for {user} at {upstream} abandoned: {reason}",
-                              event="login", user=user, upstream=upstream, result="abandoned", reason=self.end_reason)
-                self._pending_login = None
-                self._emit(CancelLogin())
+        previous = self.state
+        self.hung_up = True
+        self.state = State.CLOSED
+        self._cancel_upstream_timer_if_idle()
+        if self._counted_user is not None and self.settings.guard is not None:
+            self.settings.guard.user_left(self._counted_user)
+            self._counted_user = None
+        if self.mailbox is not None:
+            self.mailbox.forget()
+        pending = self._buffered_through_quit()
+        if previous is State.LOGGING_IN:
+            if pending is not None and not any(c.verb in _FETCHES for c in pending):
+                # A QUIT behind a login in flight is still delivered (RFC 1939 §6): let the login
+                # finish, then send what the client sent through its QUIT.
+                self._after_hangup = pending
                 return
-            if previous is not State.TRANSACTION or not self._upstream_attached:
-                return
-            self._hang_up_in_transaction(pending)
+            if self.attempt is not None:
+                user, upstream = self.attempt
+                self._log("info", "session {session_id}: login for {user} at {upstream} abandoned: {reason}",
+                          event="login", user=user, upstream=upstream, result="abandoned", reason=self.end_reason)
+            self._pending_login = None
+            self._emit(CancelLogin())
+            return
+        if previous is not State.TRANSACTION or not self._upstream_attached:
+            return
+        self._hang_up_in_transaction(pending)
 
     # ==================================================================================================
     # settling
     # ==================================================================================================
-
-    @contextmanager
-    def _input(self) -> Iterator[None]:
-        self._nesting += 1
-        try:
-            yield
-        finally:
-            self._nesting -= 1
-        if self._nesting == 0:
-            self._settle()
 
     def _settle(self) -> None:
         self._nesting += 1
@@ -618,13 +634,13 @@ class SessionMachine:
         """One round of what may move now; True if something did."""
         moved = self._flush()
         moved = self._send_ready() or moved
-        if not self._holds[Leg.UPSTREAM] and self._reader.paused and self._upstream_attached:
+        if not self._upstream_holds and self._reader.paused and self._upstream_attached:
             self._reader.resume()
             moved = True
         return self._handle_one_line() or moved
 
     def _handle_one_line(self) -> bool:
-        if self.state is State.CLOSED or self.closing or self._close_queued or self._holds[Leg.CLIENT]:
+        if self.state is State.CLOSED or self.closing or self._close_queued or self._client_holds:
             return False
         line = self._lines.next_line()
         if line is None:
@@ -643,22 +659,24 @@ class SessionMachine:
         """Pause a socket only when its leg's unhandled input passed ``max_buffered``, or the other
         leg cannot take more output; never the client's during its TLS handshake (the handshake
         itself needs the socket read)."""
-        backlog = len(self._lines) > self._limits.max_buffered and bool(self._holds[Leg.CLIENT])
+        backlog = len(self._lines) > self._limits.max_buffered and bool(self._client_holds)
         client = not self._handshaking and not self.hung_up and (backlog or self._upstream_blocked)
-        queued = self._reader.pending > self._limits.max_buffered and bool(self._holds[Leg.UPSTREAM])
-        upstream = self._upstream_attached and (Hold.CLIENT_OUTPUT in self._holds[Leg.UPSTREAM] or queued)
-        for leg, wanted in ((Leg.CLIENT, client), (Leg.UPSTREAM, upstream)):
-            if wanted != self._paused[leg]:
-                self._paused[leg] = wanted
-                self._emit(PauseReading(leg) if wanted else ResumeReading(leg))
+        queued = self._reader.pending > self._limits.max_buffered and bool(self._upstream_holds)
+        upstream = self._upstream_attached and (Hold.CLIENT_OUTPUT in self._upstream_holds or queued)
+        if client != self._client_paused:
+            self._client_paused = client
+            self._emit(PauseReading(Leg.CLIENT) if client else ResumeReading(Leg.CLIENT))
+        if upstream != self._upstream_paused:
+            self._upstream_paused = upstream
+            self._emit(PauseReading(Leg.UPSTREAM) if upstream else ResumeReading(Leg.UPSTREAM))
 
     def _set_hold(self, leg: Leg, hold: Hold, on: bool) -> None:
         if on:
-            self._holds[leg].add(hold)
+            (self._client_holds if leg is Leg.CLIENT else self._upstream_holds).add(hold)
             if leg is Leg.UPSTREAM:
                 self._reader.pause()  # at once: the rest of this chunk waits too
         else:
-            self._holds[leg].discard(hold)
+            (self._client_holds if leg is Leg.CLIENT else self._upstream_holds).discard(hold)
 
     def _release(self, leg: Leg, hold: Hold) -> None:
         self._set_hold(leg, hold, False)
@@ -666,11 +684,11 @@ class SessionMachine:
     @property
     def holds(self) -> dict[Leg, frozenset[Hold]]:
         """The current holds, for tests and logs."""
-        return {leg: frozenset(holds) for leg, holds in self._holds.items()}
+        return {Leg.CLIENT: frozenset(self._client_holds), Leg.UPSTREAM: frozenset(self._upstream_holds)}
 
     @property
     def paused(self) -> dict[Leg, bool]:
-        return dict(self._paused)
+        return {Leg.CLIENT: self._client_paused, Leg.UPSTREAM: self._upstream_paused}
 
     # ==================================================================================================
     # output
@@ -726,7 +744,7 @@ class SessionMachine:
                 break
             if head.local:
                 if head.render is not None:
-                    if Hold.CLIENT_OUTPUT in self._holds[Leg.CLIENT]:
+                    if Hold.CLIENT_OUTPUT in self._client_holds:
                         break  # a whole message: only once the client has taken what it was given
                     self._write(head.render())
                 elif head.data:
@@ -737,7 +755,7 @@ class SessionMachine:
                     return True
             self._queue.popleft()
             moved = True
-        if len(self._queue) < self._limits.max_pipelined and Hold.PIPELINE in self._holds[Leg.CLIENT]:
+        if len(self._queue) < self._limits.max_pipelined and Hold.PIPELINE in self._client_holds:
             self._release(Leg.CLIENT, Hold.PIPELINE)
             moved = True
         return moved
@@ -1224,7 +1242,7 @@ class SessionMachine:
             return
         timeout = self._limits.upstream_timeout
         remaining = self._upstream_activity + timeout - self.settings.now()
-        if self._holds[Leg.UPSTREAM] or self._paused[Leg.UPSTREAM] or remaining > 0:
+        if self._upstream_holds or self._upstream_paused or remaining > 0:
             # Data came since, or the proxy is not reading (a slow client, a hook at work): the
             # silence is ours. Look again later.
             self._upstream_timer = True
@@ -1265,7 +1283,7 @@ class SessionMachine:
         """
         quit_requested = self.quit_requested or (pending is not None)
         undelivered = (any(entry.fetch is not None for entry in self._queue)
-                       or Hold.CLIENT_OUTPUT in self._holds[Leg.CLIENT]
+                       or Hold.CLIENT_OUTPUT in self._client_holds
                        or (pending is not None and any(c.verb in _FETCHES for c in pending)))
         if not quit_requested or undelivered:
             if quit_requested:
