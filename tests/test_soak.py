@@ -419,8 +419,9 @@ class Round:
                 outcome.detail = f"{user.name}: partial delete {sorted(before - now)} of {sorted(deleted)}"
                 self.state[user.name] = now
                 return
-            if now == before and (restarted or not must) and self.restart.done.is_set():
-                return  # the QUIT never reached Dovecot before it went down: nothing deleted
+            settled = time.monotonic() > outcome.finished + 3.0  # a QUIT still in flight has landed by now
+            if now == before and (restarted or not must) and self.restart.done.is_set() and settled:
+                return  # the QUIT never reached Dovecot (or it went down first): nothing deleted
             if time.monotonic() > deadline:
                 seen = problem if now is None else "mailbox unchanged"
                 outcome.result, outcome.detail = "wrong", f"{user.name}: deletions never committed ({seen})"
