@@ -31,6 +31,7 @@ import hashlib
 import re
 import selectors
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -500,6 +501,33 @@ def test_local_answers_before_login_are_bounded(kind: str, tmp_path: Path, quiet
                 time.sleep(0.05)
         assert watch.growth <= bound, watch.report(f"{kind} flood before login ({sent} octets sent, never read)", bound)
         print(watch.report(f"{kind} flood before login ({sent} octets sent)", bound))
+    finally:
+        proxy.process.stop(timeout=5)
+
+
+def test_local_answers_over_implicit_tls_are_bounded(tmp_path: Path, quiet_upstream: MiniUpstream,
+                                                     sockets: list[socket.socket]) -> None:
+    """Finding 1 over TLS: the answers go through the TLS layer's buffers before the socket's; the
+    proxy must still stop once the client stops taking them."""
+    certificate = write_certificate(tmp_path)
+    listeners = {"tls": f'tls = "implicit"\ncertificate = "{certificate}"\n'}
+    proxy = start_proxy(tmp_path, upstream_body(quiet_upstream.address) + "[limits]\n" + TIGHT_LIMITS, listeners)
+    try:
+        context = ssl.create_default_context(cadata=shared_ca().cert_pem.decode())
+        raw_sock = small_receive_buffer_socket(4096)
+        raw_sock.settimeout(30)
+        raw_sock.connect(("127.0.0.1", proxy.port))
+        tls_sock = context.wrap_socket(raw_sock, server_hostname="localhost")
+        sockets.append(tls_sock)
+        assert tls_sock.recv(100) == GREETING
+        bound = SessionBudget(MAX_BUFFERED, UPSTREAM_MAX_LINE).bound_kib()
+        with RssWatch(proxy.pid) as watch:
+            until = time.monotonic() + ATTACK_SECONDS
+            sent = flood(tls_sock, b"CAPA\r\n", 3 * MiB, stall=2.0, until=until)
+            while time.monotonic() < until:
+                time.sleep(0.05)
+        assert watch.growth <= bound, watch.report(f"CAPA flood over TLS ({sent} octets sent, never read)", bound)
+        print(watch.report(f"CAPA flood over TLS ({sent} octets sent)", bound))
     finally:
         proxy.process.stop(timeout=5)
 

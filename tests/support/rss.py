@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import select
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -170,7 +171,7 @@ def flood(sock: socket.socket, unit: bytes, total: int, *, stall: float = 2.0, u
             piece = piece[: total - sent]
             try:
                 sent += sock.send(piece)
-            except BlockingIOError:
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 continue
             except OSError:
                 break
