@@ -21,8 +21,7 @@ from hypothesis import strategies as st
 from popproxy.hooks.registry import build_hooks
 from popproxy.pop3.wire import stuff_body
 from popproxy.protocol.client import hook_plan
-from popproxy.protocol.guard import Guard
-from popproxy.protocol.machine import (
+from popproxy.protocol.effects import (
     AbortClient,
     AbortUpstream,
     CancelLogin,
@@ -30,20 +29,23 @@ from popproxy.protocol.machine import (
     CloseUpstream,
     Effect,
     Hold,
-    Leg,
     Log,
     Login,
-    MachineSettings,
     PauseReading,
     ResumeReading,
     RunHooks,
     Send,
-    SessionMachine,
     SetTimer,
     StartTLS,
-    State,
     Timer,
     Write,
+)
+from popproxy.protocol.guard import Guard
+from popproxy.protocol.interfaces import Leg
+from popproxy.protocol.machine import (
+    MachineSettings,
+    SessionMachine,
+    State,
 )
 from popproxy.protocol.mailbox import MessageCache
 
@@ -549,3 +551,22 @@ def test_an_upstream_that_stalls_mid_answer_is_dropped_unless_the_proxy_is_not_r
     assert AbortUpstream("upstream silent") in effects
     h.machine.upstream_lost("aborted")
     assert AbortClient("upstream lost mid-answer") in h.take()  # no terminator: the client sees a break
+
+
+def test_list_sizes_rewritten_whatever_the_chunking(tmp_path: Path) -> None:
+    """LIST with a rewriting hook: the same answer, whether the upstream sends it whole or one octet
+    at a time, each line keeping its own ending (a bare LF stays a bare LF)."""
+    hooks = '[[hook]]\nuse = "support.samplehooks:tagger"\nreservation = 10\n'
+    answer = b"+OK 3 messages\r\n1 100\r\n2 200\n3 300\r\n.\r\n"
+    outputs = []
+    for size in (len(answer), 1, 2, 3):
+        h = Harness(tmp_path, hooks=hooks)
+        h.log_in(listing=({1: 100, 2: 200, 3: 300}, {}))
+        h.machine.client_data(b"LIST\r\n")
+        for start in range(0, len(answer), size):
+            h.machine.upstream_data(answer[start : start + size])
+        outputs.append(h.written())
+    extra = h.machine.mailbox.extra(1) if h.machine.mailbox else 0
+    assert extra > 10
+    expected = b"+OK 3 messages\r\n1 %d\r\n2 %d\n3 %d\r\n.\r\n" % (100 + extra, 200 + extra, 300 + extra)
+    assert outputs == [expected] * 4

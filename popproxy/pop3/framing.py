@@ -172,7 +172,8 @@ class ResponseReader:
         self._chunks: deque[bytes] = deque()
         self._offset = 0  # octets of ``_chunks[0]`` already delivered
         self._queued = 0  # octets in ``_chunks`` not delivered yet
-        self._partial = b""  # the start of a status line whose end has not arrived
+        self._partial: list[bytes] = []  # the pieces of a status line whose end has not arrived
+        self._partial_size = 0
         self._body: BodyScanner | None = None
         self._paused = False
         self._broken = False
@@ -192,10 +193,10 @@ class ResponseReader:
 
     def take_buffer(self) -> bytes:
         """Remove and return everything received and not delivered."""
-        pending = self._partial + b"".join(self._chunks)[self._offset :]
+        pending = b"".join(self._partial) + b"".join(self._chunks)[self._offset :]
         self._chunks.clear()
         self._offset = self._queued = 0
-        self._partial = b""
+        self._partial, self._partial_size = [], 0
         return pending
 
     @property
@@ -205,7 +206,7 @@ class ResponseReader:
     @property
     def pending(self) -> int:
         """Octets received and not delivered yet."""
-        return self._queued + len(self._partial)
+        return self._queued + self._partial_size
 
     @property
     def in_body(self) -> bool:
@@ -256,17 +257,18 @@ class ResponseReader:
         start = self._offset
         end = chunk.find(b"\n", start)
         if end == -1:
-            if len(self._partial) + len(chunk) - start > self._max_line_length:
+            if self._partial_size + len(chunk) - start > self._max_line_length:
                 self._break()
                 return
-            self._partial += chunk[start:]
+            self._partial.append(chunk[start:] if start else chunk)
+            self._partial_size += len(chunk) - start
             self._advance(len(chunk) - start)
             return
-        if len(self._partial) + end + 1 - start > self._max_line_length:
+        if self._partial_size + end + 1 - start > self._max_line_length:
             self._break()
             return
-        line = self._partial + chunk[start : end + 1]
-        self._partial = b""
+        line = b"".join([*self._partial, chunk[start : end + 1]]) if self._partial else chunk[start : end + 1]
+        self._partial, self._partial_size = [], 0
         self._advance(end + 1 - start)
         if not line.endswith(CRLF):
             line = line[:-1] + CRLF
@@ -279,5 +281,5 @@ class ResponseReader:
         self._broken = True
         self._chunks.clear()
         self._offset = self._queued = 0
-        self._partial = b""
+        self._partial, self._partial_size = [], 0
         self._handler.line_too_long()

@@ -123,23 +123,35 @@ class Capabilities(Answer):
 class Listing(Answer):
     """LIST with rewriting hooks: every ``n size`` line gets its message's reserved octets added.
 
-    Complete lines are rewritten as they stream; only the last, partial line of a chunk is held.
+    Complete lines are rewritten as they stream, each keeping its own line ending; only the start of
+    a line whose end has not arrived is held (bounded by the reader's ``upstream_max_line``), as a
+    list of pieces joined once the line is complete, so no chunk costs more than its own length.
     """
 
     def __init__(self, mailbox: MailboxView) -> None:
         super().__init__()
         self._mailbox = mailbox
-        self._partial = b""
+        self._pending: list[bytes] = []  # the current line's pieces
 
     def body(self, data: bytes) -> bytes:
-        complete, separator, self._partial = (self._partial + data).rpartition(CRLF)
-        if not separator:
+        end = data.rfind(b"\n")
+        if end == -1:
+            self._pending.append(data)
             return b""
-        return b"".join(self._mailbox.list_line(line) + CRLF for line in complete.split(CRLF))
+        complete = b"".join([*self._pending, data[: end + 1]]) if self._pending else data[: end + 1]
+        self._pending = [data[end + 1 :]] if end + 1 < len(data) else []
+        out = []
+        for line in complete.split(b"\n")[:-1]:
+            if line.endswith(b"\r"):
+                out.append(self._mailbox.list_line(line[:-1]) + CRLF)
+            else:
+                out.append(self._mailbox.list_line(line) + b"\n")
+        return b"".join(out)
 
     def end(self) -> bytes:
         super().end()
-        return self._partial
+        rest, self._pending = b"".join(self._pending), []
+        return rest
 
 
 class Metered(Answer):

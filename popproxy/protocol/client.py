@@ -30,13 +30,7 @@ from ..hooks.registry import BuiltHook
 from ..pop3.wire import err
 from ..tls import ServerTLS, tls_facts
 from .connector import LoggedIn, UpstreamConnector
-from .flow import LegProducer
-from .guard import Guard
-from .interfaces import LegTransport
-from .machine import (
-    AUTH_FAILED,
-    TLS_REQUIRED,
-    UPSTREAM_DOWN,
+from .effects import (
     AbortClient,
     AbortUpstream,
     CancelLogin,
@@ -44,22 +38,29 @@ from .machine import (
     CloseClient,
     CloseUpstream,
     Effect,
-    HookPlan,
-    Leg,
     Log,
     Login,
-    MachineSettings,
     Notify,
     PauseReading,
     ResumeReading,
     RunHooks,
     Send,
-    SessionMachine,
     SetTimer,
     StartTLS,
-    State,
     Timer,
     Write,
+)
+from .flow import LegProducer
+from .guard import Guard
+from .interfaces import Leg, LegTransport
+from .machine import (
+    AUTH_FAILED,
+    TLS_REQUIRED,
+    UPSTREAM_DOWN,
+    HookPlan,
+    MachineSettings,
+    SessionMachine,
+    State,
 )
 from .mailbox import MessageCache
 from .upstream import UpstreamProtocol, UpstreamRefused, UpstreamUnavailable, describe, set_no_delay

@@ -32,7 +32,7 @@ import enum
 import functools
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ParamSpec, Protocol
 
 from zope.interface import implementer
@@ -64,6 +64,27 @@ from .answers import (
     Metered,
     Rewritten,
     processed_answer,
+)
+from .effects import (
+    AbortClient,
+    AbortUpstream,
+    CancelLogin,
+    CancelTimer,
+    CloseClient,
+    CloseUpstream,
+    Effect,
+    Hold,
+    Log,
+    Login,
+    Notify,
+    PauseReading,
+    ResumeReading,
+    RunHooks,
+    Send,
+    SetTimer,
+    StartTLS,
+    Timer,
+    Write,
 )
 from .interfaces import IFlowTarget, IUpstreamReceiver, Leg
 from .mailbox import MailboxView, MessageCache
@@ -101,144 +122,6 @@ MAX_STATUS_LINE = 8192
 _P = ParamSpec("_P")
 _FETCHES = (b"RETR", b"TOP")
 _COMMITTING = (b"DELE", b"QUIT")  # must wait until every fetch before them was delivered
-
-
-# -- effects --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Write:
-    """Bytes for the client."""
-
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Send:
-    """A command line for the upstream."""
-
-    line: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class StartTLS:
-    """Start TLS on the client leg (after STLS's ``+OK`` was written)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Login:
-    """Connect to ``upstream`` and log in as ``user`` (the normalised identity). With ``listing``,
-    read LIST and UIDL once logged in (for the hooks). Answer with ``logged_in`` or
-    ``login_failed``."""
-
-    user: str
-    password: bytes = field(repr=False)
-    upstream: str
-    listing: bool
-
-
-@dataclass(frozen=True, slots=True)
-class CancelLogin:
-    """Abandon the login in flight; drop any connection it made."""
-
-
-@dataclass(frozen=True, slots=True)
-class CloseClient:
-    """Close the client connection after what was written."""
-
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class AbortClient:
-    """Drop the client connection now (nothing more may reach the client)."""
-
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class CloseUpstream:
-    """Close the upstream connection (its QUIT was answered)."""
-
-
-@dataclass(frozen=True, slots=True)
-class AbortUpstream:
-    """Drop the upstream connection without QUIT: nothing of the session reaches UPDATE state."""
-
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class PauseReading:
-    leg: Leg
-
-
-@dataclass(frozen=True, slots=True)
-class ResumeReading:
-    leg: Leg
-
-
-class Timer(enum.Enum):
-    SESSION = "session"  # login timeout, then idle timeout (RFC 1939 §3 autologout)
-    TLS = "tls"  # the client's TLS handshake
-    PENALTY = "penalty"  # the delay before a penalised address's login is tried
-    UPSTREAM = "upstream"  # an upstream answer that does not come
-
-
-@dataclass(frozen=True, slots=True)
-class SetTimer:
-    """(Re)start ``timer``: ``timer_fired(timer)`` in ``seconds`` unless cancelled or set again."""
-
-    timer: Timer
-    seconds: float
-
-
-@dataclass(frozen=True, slots=True)
-class CancelTimer:
-    timer: Timer
-
-
-@dataclass(frozen=True, slots=True)
-class RunHooks:
-    """Run the message hooks over ``message`` (message ``number``); answer with ``hooks_done``."""
-
-    ticket: int
-    number: int
-    message: bytes = field(repr=False)
-
-
-@dataclass(frozen=True, slots=True)
-class Log:
-    """A log event; the glue adds the session's own fields."""
-
-    level: str  # "info" | "warn"
-    text: str
-    fields: dict[str, object]
-
-
-@dataclass(frozen=True, slots=True)
-class Notify:
-    """A session-hook event (``ISessionHook``): ``authenticated``, ``tls_started``, ``command_done``,
-    ``message_delivered``. ``user``/``upstream`` override the session's facts where given."""
-
-    event: str
-    args: tuple[object, ...]
-    user: str | None = None
-    upstream: str | None = None
-
-
-Effect = (Write | Send | StartTLS | Login | CancelLogin | CloseClient | AbortClient | CloseUpstream | AbortUpstream
-          | PauseReading | ResumeReading | SetTimer | CancelTimer | RunHooks | Log | Notify)
-
-
-class Hold(enum.Enum):
-    """A named reason to stop handling a leg's input."""
-
-    LOGIN = "login in flight"  # client leg: commands wait for the login's answer
-    PENALTY = "login penalty"  # client leg: a penalised address waits before its login is tried
-    PIPELINE = "pipeline full"  # client leg: max_pipelined answers outstanding
-    CLIENT_OUTPUT = "client write buffer full"  # both legs: nothing more for the client for now
-    HOOK = "hook at work"  # upstream leg: later answers wait for the hooks' verdict
 
 
 class GuardLike(Protocol):

@@ -83,8 +83,9 @@ class DeliveryMeter:
         self.size += len(data)
         self._hash.update(data)
         if not self._head_done:
+            start = max(0, len(self._head) - 3)  # a blank line may straddle the previous piece
             self._head += data[: _HEADER_LIMIT - len(self._head)]
-            if b"\r\n\r\n" in self._head or len(self._head) >= _HEADER_LIMIT:
+            if self._head.find(b"\r\n\r\n", start) != -1 or len(self._head) >= _HEADER_LIMIT:
                 self._head_done = True
 
     @property
