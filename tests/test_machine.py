@@ -370,6 +370,7 @@ def test_hang_up_with_a_backed_up_client_commits_nothing(tmp_path: Path) -> None
     h.machine.output_blocked(Leg.CLIENT, True)  # the message is in the write buffer, not the client
     h.machine.client_data(b"DELE 4\r\nQUIT\r\n")
     h.effects.clear()
+    h.machine.output_gone(Leg.CLIENT)  # Twisted stops the producer before connectionLost
     h.machine.client_lost()
     assert AbortUpstream("client hung up") in h.take()
     assert h.sent() == []

@@ -18,6 +18,8 @@ from typing import Protocol
 from .wire import CRLF
 
 TERMINATOR = b"\r\n.\r\n"
+# RFC 1939 §3 caps a status line at 512 octets; leave room for servers that exceed it a little.
+MAX_STATUS_LINE = 8192
 _OCTETS = re.compile(rb"^\+OK (\d+) octets")
 
 
@@ -158,7 +160,7 @@ class ResponseReader:
     that is bounded by ``max_line_length``. ``pending`` is what the owner uses to bound the queue.
     """
 
-    def __init__(self, handler: ResponseHandler, max_line_length: int = 8192,
+    def __init__(self, handler: ResponseHandler, max_line_length: int = MAX_STATUS_LINE,
                  max_body_line: int | None = None) -> None:
         self._handler = handler
         self._max_line_length = max_line_length

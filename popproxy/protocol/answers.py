@@ -39,9 +39,6 @@ class Answer:
 
     #: what the answer is for, as (command, argument), for session hooks
     label: tuple[str, str] | None = None
-    #: the message number of a RETR or TOP (an answer the client must receive whole before a DELE
-    #: or QUIT of the same session may go upstream)
-    fetch: int | None = None
 
     def __init__(self) -> None:
         self.succeeded = False
@@ -160,7 +157,7 @@ class Metered(Answer):
     def __init__(self, command: str, number: int, report: Report, wanted_headers: frozenset[str],
                  mailbox: MailboxView | None) -> None:
         super().__init__()
-        self.fetch = number
+        self.number = number
         self._command = command
         self._report = report
         self._mailbox = mailbox
@@ -176,7 +173,7 @@ class Metered(Answer):
         super().end()
         if self.succeeded:
             self._meter.finish_wire()
-        self._report(delivery(self._command, self.fetch or 0, self._mailbox, self._meter if self.succeeded else None,
+        self._report(delivery(self._command, self.number or 0, self._mailbox, self._meter if self.succeeded else None,
                               scanned=False, outcome="delivered" if self.succeeded else "error", notes=self._notes))
         return b""
 
@@ -193,7 +190,7 @@ class Hooked(Answer):
     def __init__(self, command: str, number: int, top_lines: int | None, mailbox: MailboxView,
                  report: Report | None, wanted_headers: frozenset[str]) -> None:
         super().__init__()
-        self.fetch = number
+        self.number = number
         self.command = command
         self.top_lines = top_lines
         self._mailbox = mailbox
@@ -221,7 +218,7 @@ class Hooked(Answer):
         super().end()
         if not self.succeeded:
             if self._report is not None:
-                self._report(delivery(self.command, self.fetch or 0, self._mailbox, None, scanned=False, outcome="error"))
+                self._report(delivery(self.command, self.number or 0, self._mailbox, None, scanned=False, outcome="error"))
             return b""
         if not self.overflow:
             self._collected += self._unstuffer.finish()
@@ -235,29 +232,29 @@ class Hooked(Answer):
 
     def refuse(self, notes: list[str]) -> bytes:
         """The answer when the message cannot be delivered: the client keeps it on the server."""
-        assert self.fetch is not None
+        assert self.number is not None
         self.succeeded = False
         self._message = None
-        self._mailbox.refused.add(self.fetch)
+        self._mailbox.refused.add(self.number)
         if self._report is not None:
-            self._report(delivery(self.command, self.fetch, self._mailbox, None, scanned=True, outcome="refused",
+            self._report(delivery(self.command, self.number, self._mailbox, None, scanned=True, outcome="refused",
                                   notes=notes))
         return REFUSED
 
     def finish(self, message: bytes | None, verdicts: tuple[Verdict, ...], notes: list[str]) -> bytes:
         """The client's answer for what the hooks made of the message (None: a hook refused it)."""
-        assert self.fetch is not None
+        assert self.number is not None
         self._message = None
         if message is None:
             return self.refuse(notes)
-        if self._mailbox.extra(self.fetch):
+        if self._mailbox.extra(self.number):
             try:
-                message = pad_to(message, self._mailbox.reported_size(self.fetch))
+                message = pad_to(message, self._mailbox.reported_size(self.number))
             except HookFailure as error:
                 return self.refuse([*notes, f"size: {error}; refused"])
         if self.top_lines is not None:
-            self._mailbox.remember(self.fetch, message)
-        return processed_answer(self.command, self.fetch, message, self.top_lines, self._mailbox, self._report,
+            self._mailbox.remember(self.number, message)
+        return processed_answer(self.command, self.number, message, self.top_lines, self._mailbox, self._report,
                                 self._wanted, verdicts=verdicts, notes=notes)
 
 

@@ -468,7 +468,7 @@ class ClientProtocol(Protocol):
         fields.update(_prefixed("client_", self._client_tls))
         if self._upstream is not None:
             fields.update(_prefixed("upstream_", self._upstream.tls_facts))
-            fields.update(bytes_from_upstream=self._upstream.bytes_in + machine.bytes_from_upstream,
+            fields.update(bytes_from_upstream=self._upstream.bytes_in,
                           bytes_to_upstream=self._upstream.bytes_out)
         self.log.info(
             "session {session_id} ended ({ended}): user {user}, upstream {upstream}, "

@@ -24,8 +24,8 @@ from .interfaces import IFlowTarget, Leg
 class LegProducer:
     """Registered (streaming) on ``leg``'s transport; reports its write buffer to ``target``.
 
-    ``stopProducing`` (the transport is going away) counts as "not full any more", so that nothing
-    stays held for a transport that no longer exists.
+    ``stopProducing`` (the transport is going away; Twisted calls it before the protocol hears of
+    the lost connection) is reported as such: what was still in the buffer never reached the peer.
     """
 
     def __init__(self, target: IFlowTarget, leg: Leg) -> None:
@@ -39,4 +39,4 @@ class LegProducer:
         self._target.output_blocked(self._leg, False)
 
     def stopProducing(self) -> None:
-        self._target.output_blocked(self._leg, False)
+        self._target.output_gone(self._leg)

@@ -51,3 +51,7 @@ class IFlowTarget(Interface):
 
     def output_blocked(leg: Leg, blocked: bool) -> None:
         """``leg``'s transport paused (``blocked``) or resumed its producer."""
+
+    def output_gone(leg: Leg) -> None:
+        """``leg``'s transport stopped its producer: the connection is going away, whatever was
+        still in its write buffer with it."""

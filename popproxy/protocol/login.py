@@ -18,12 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..pop3 import capa
-from ..pop3.framing import ResponseReader, body_limit
+from ..pop3.framing import MAX_STATUS_LINE, ResponseReader, body_limit
 from ..pop3.wire import CRLF, is_ok, response_code, unstuff_lines
 from .mailbox import parse_listing
 
-# RFC 1939 §3 caps a status line at 512 octets; leave room for servers that exceed it a little.
-MAX_STATUS_LINE = 8192
 #: The largest login answer collected (CAPA, the greeting); LIST and UIDL have their own bound.
 ANSWER_LIMIT = 65536
 

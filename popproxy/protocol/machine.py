@@ -42,7 +42,7 @@ from ..hooks.interfaces import Delivery, Verdict
 from ..hooks.registry import BuiltHook
 from ..pop3 import capa, sasl
 from ..pop3.arguments import BadArguments, Checked, check, takes_checked_arguments
-from ..pop3.framing import TOO_LONG, CommandLines, LineTooLong, ResponseReader, body_limit
+from ..pop3.framing import MAX_STATUS_LINE, TOO_LONG, CommandLines, LineTooLong, ResponseReader, body_limit
 from ..pop3.wire import (
     MAX_COMMAND_LINE,
     MAX_SASL_LINE,
@@ -116,8 +116,6 @@ _LOGIN_CODE_TEXT = {
 #: number of lines requested by the POP3 client is greater than than the number of lines in the body,
 #: then the POP3 server sends the entire message"); RETR would mark it seen on some servers.
 WHOLE_MESSAGE_LINES = 99999999
-# RFC 1939 §3 caps a status line at 512 octets; leave room for servers that exceed it a little.
-MAX_STATUS_LINE = 8192
 
 _P = ParamSpec("_P")
 _FETCHES = (b"RETR", b"TOP")
@@ -180,19 +178,19 @@ class _Entry:
     ``answer`` and a ``line`` for the upstream.
     """
 
-    __slots__ = ("answer", "close", "data", "done", "fetch", "line", "quit", "render", "sent", "ticket", "verb")
+    __slots__ = ("answer", "close", "data", "done", "fetch", "line", "number", "quit", "render", "ticket", "verb")
 
     def __init__(self, *, data: bytes = b"", render: Callable[[], bytes] | None = None, answer: Answer | None = None,
-                 line: bytes = b"", verb: bytes = b"", fetch: int | None = None, close: str | None = None) -> None:
+                 line: bytes = b"", verb: bytes = b"", number: int | None = None, close: str | None = None) -> None:
         self.data = data
         self.render = render
         self.answer = answer
         self.line = line
         self.verb = verb
-        self.fetch = fetch
+        self.number = number  # the message number the command names, if any
+        self.fetch = number if verb in _FETCHES else None  # a RETR/TOP answer the client is owed
         self.close = close  # a graceful close queued behind the answers before it
         self.done = answer is None
-        self.sent = False
         self.quit = verb == b"QUIT"
         self.ticket = 0  # hooks in progress
 
@@ -252,8 +250,6 @@ class SessionMachine:
         self.quit_requested = False
         self.bytes_in = 0
         self.bytes_out = 0
-        self.bytes_from_upstream = 0
-        self.bytes_to_upstream = 0
         # answers owed to the client, in command order; commands not sent yet; sent and unanswered
         self._queue: deque[_Entry] = deque()
         self._outgoing: deque[_Entry] = deque()
@@ -264,6 +260,7 @@ class SessionMachine:
         self._client_paused = False
         self._upstream_paused = False
         self._upstream_blocked = False  # the upstream's write buffer is full
+        self._client_backed_up = False  # the client went away with its write buffer full
         self._upstream_attached = False
         self._upstream_pipelining = False
         self._upstream_capabilities: frozenset[bytes] = frozenset()
@@ -324,6 +321,16 @@ class SessionMachine:
                 self._set_hold(side, Hold.CLIENT_OUTPUT, blocked)
         else:
             self._upstream_blocked = blocked
+
+    @_settles
+    def output_gone(self, leg: Leg) -> None:
+        """A leg's transport is going away. If the client's write buffer was backed up, answers in
+        it never reached the client: remembered for the hang-up's decision."""
+        if leg is Leg.CLIENT:
+            self._client_backed_up |= Hold.CLIENT_OUTPUT in self._client_holds
+            self.output_blocked(leg, False)
+        else:
+            self._upstream_blocked = False
 
     def upstream_attached(self, capabilities: Sequence[bytes]) -> None:
         """The logged-in upstream connection now sends its bytes here (``upstream_data``)."""
@@ -395,7 +402,6 @@ class SessionMachine:
 
     @_settles
     def upstream_data(self, data: bytes) -> None:
-        self.bytes_from_upstream += len(data)
         self._upstream_activity = self.settings.now()
         self._reader.feed(data)
 
@@ -898,7 +904,7 @@ class SessionMachine:
             if cached is not None:
                 # Already processed (TOP then RETR): answered from the cache, made when it is due.
                 command_name, lines = verb.decode(), checked.lines
-                self._queue.append(_Entry(fetch=number, render=lambda: processed_answer(
+                self._queue.append(_Entry(verb=verb, number=number, render=lambda: processed_answer(
                     command_name, number, cached, lines, mailbox, report, plan.wanted_headers)))
                 self._after_queueing()
                 return
@@ -907,7 +913,7 @@ class SessionMachine:
             line = b"TOP %d %d\r\n" % (number or 0, WHOLE_MESSAGE_LINES)
         if plan.report_commands:
             answer.label = (verb.decode("ascii", "replace"), command.rest.decode("utf-8", "replace"))
-        entry = _Entry(answer=answer, line=line, verb=verb, fetch=answer.fetch)
+        entry = _Entry(answer=answer, line=line, verb=verb, number=number)
         self._queue.append(entry)
         self._outgoing.append(entry)
         self._after_queueing()
@@ -927,9 +933,7 @@ class SessionMachine:
                 return Hooked(verb.decode(), number, checked.lines, mailbox, report, self.settings.plan.wanted_headers)
             if report is not None:
                 return Metered(verb.decode(), number, report, self.settings.plan.wanted_headers, mailbox)
-            answer = Answer()
-            answer.fetch = number
-            return answer
+            return Answer()
         if mailbox is None:
             return Answer()
         if verb == b"STAT":
@@ -956,15 +960,12 @@ class SessionMachine:
                 break  # RFC 2449 §6.6: one at a time unless the upstream announced PIPELINING
             self._outgoing.popleft()
             moved = True
-            if entry.verb == b"DELE" and self.mailbox is not None and entry.answer is not None \
-                    and entry.answer.fetch is None and _dele_number(entry.line) in self.mailbox.refused:
+            if entry.verb == b"DELE" and self.mailbox is not None and entry.number in self.mailbox.refused:
                 # The client was not given this message: a client that deletes blindly after RETR
                 # must not lose it.
                 entry.answer, entry.data, entry.done = None, NOT_DELETED, True
                 continue
-            entry.sent = True
             self._inflight.append(entry)
-            self.bytes_to_upstream += len(entry.line)
             self._emit(Send(entry.line))
             self._arm_upstream_timer()
         return moved
@@ -983,7 +984,7 @@ class SessionMachine:
 
     def _status(self, line: bytes) -> bool:
         if not self._inflight:
-            self._check_unsolicited_now()
+            self._unsolicited()
             return False
         if not (line.startswith(b"+OK") or line.startswith(b"-ERR")):
             # RFC 1939 §3: every status line starts with +OK or -ERR. Anything else means the stream
@@ -1023,7 +1024,7 @@ class SessionMachine:
             return
         if isinstance(answer, Hooked) and answer.overflow and answer.succeeded:
             self._log("warn", "upstream sent more than twice the {size} octets it listed for message {number}; refused",
-                      size=answer_size(self.mailbox, entry.fetch), number=entry.fetch)
+                      size=self.mailbox.sizes.get(entry.fetch or 0, 0) if self.mailbox else 0, number=entry.fetch)
             self._write(answer.refuse(["upstream: message larger than listed; refused"]))
         self._finish(entry)
 
@@ -1070,7 +1071,7 @@ class SessionMachine:
                   status=MAX_STATUS_LINE, body_line=self._limits.upstream_max_line)
         self._drop_upstream("line too long")
 
-    def _check_unsolicited_now(self) -> None:
+    def _unsolicited(self) -> None:
         self._log("warn", "upstream sent an unsolicited line; closing")
         self._drop_upstream("unsolicited line")
 
@@ -1166,7 +1167,7 @@ class SessionMachine:
         """
         quit_requested = self.quit_requested or (pending is not None)
         undelivered = (any(entry.fetch is not None for entry in self._queue)
-                       or Hold.CLIENT_OUTPUT in self._client_holds
+                       or self._client_backed_up or Hold.CLIENT_OUTPUT in self._client_holds
                        or (pending is not None and any(c.verb in _FETCHES for c in pending)))
         if not quit_requested or undelivered:
             if quit_requested:
@@ -1177,7 +1178,7 @@ class SessionMachine:
             return
         for entry in self._queue:
             if entry.answer is not None:
-                entry.answer = _discarding(entry.answer)
+                entry.answer = Discarded()
         for checked in pending or ():
             self._queue_discarded(checked)
         self.end_reason = "quit after hang-up" if pending is not None else "quit"
@@ -1188,7 +1189,7 @@ class SessionMachine:
             self._log("info", "session {session_id}: client hung up; DELE {number} not forwarded, the client "
                       "cannot have the message", number=checked.number)
             return
-        entry = _Entry(answer=Discarded(), line=checked.to_line(), verb=checked.verb)
+        entry = _Entry(answer=Discarded(), line=checked.to_line(), verb=checked.verb, number=checked.number)
         self._queue.append(entry)
         self._outgoing.append(entry)
 
@@ -1231,12 +1232,6 @@ class _ReaderEvents:
         self._machine._too_long()
 
 
-def _discarding(answer: Answer) -> Answer:
-    discarded = Discarded()
-    discarded.fetch = answer.fetch
-    return discarded
-
-
 def _expects_body(entry: _Entry) -> bool:
     """RFC 1939 §3: which positive answers are multi-line, by command and arguments."""
     verb = entry.verb
@@ -1245,10 +1240,6 @@ def _expects_body(entry: _Entry) -> bool:
     if verb in (b"LIST", b"UIDL", b"LANG"):
         return entry.line.count(b" ") == 0
     return False
-
-
-def _dele_number(line: bytes) -> int:
-    return int(line.split(b" ")[1])
 
 
 def _noting(status: bytes, note: Callable[[int], None], number: int) -> bytes:
@@ -1263,9 +1254,3 @@ def _is_utf8(data: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
-
-
-def answer_size(mailbox: MailboxView | None, number: int | None) -> int:
-    if mailbox is None or number is None:
-        return 0
-    return mailbox.sizes.get(number, 0)

@@ -92,10 +92,10 @@ class UpstreamProtocol(Protocol):
         self._rearm()  # the greeting is an answer that is due
 
     def dataReceived(self, data: bytes) -> None:
+        self.bytes_in += len(data)
         if self._receiver is not None:
             self._receiver.upstream_data(data)
             return
-        self.bytes_in += len(data)
         self._login.data(data)
         self._rearm()
 
