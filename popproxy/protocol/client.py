@@ -286,9 +286,6 @@ class ClientProtocol(Protocol):
         guard = self.settings.guard
         if guard is not None and self._admitted:
             guard.left(self._admitted_host)
-        upstream = self._upstream
-        if upstream is not None and not upstream.closed and not self.machine.quit_requested:
-            upstream.abort()  # no QUIT from the client: no deletions (RFC 1939 §6)
         self._log_opened()
         summary = self._log_ended(previous)
         if self._events:
