@@ -25,6 +25,7 @@ from popproxy.protocol.effects import (
     AbortClient,
     AbortUpstream,
     CancelLogin,
+    CancelTimer,
     CloseClient,
     CloseUpstream,
     Effect,
@@ -344,7 +345,7 @@ def test_dele_and_quit_wait_for_the_message_and_are_dropped_after_a_hang_up(tmp_
     h.machine.upstream_data(answer[:200])
     h.effects.clear()
     h.machine.client_lost()
-    assert h.take() == [AbortUpstream("client hung up")]
+    assert h.take() == [CancelTimer(Timer.UPSTREAM), AbortUpstream("client hung up")]
     h.machine.upstream_data(answer[200:] + b"+OK\r\n")
     assert h.sent() == []
 

@@ -451,3 +451,20 @@ def test_any_client_bytes_never_raise(tmp_path: Path, failures: list) -> None:
     run()
     assert failures == []
     assert proxy.factory.sessions == set()
+
+
+def test_ip_literal_upstreams_are_dialled_without_the_resolver(tmp_path: Path) -> None:
+    """An upstream written as an address is connected to directly: HostnameEndpoint would hand even
+    a literal to the resolver's thread pool on every login."""
+    from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+    from twisted.internet.testing import MemoryReactorClock
+
+    from popproxy.config import Address
+    from popproxy.protocol.connector import UpstreamConnector, ip_literal
+
+    upstream = make_proxy(tmp_path).config.upstreams["main"]
+    connector = UpstreamConnector(MemoryReactorClock())
+    assert isinstance(connector._default_endpoint(Address("127.0.0.1", 110), upstream), TCP4ClientEndpoint)
+    assert isinstance(connector._default_endpoint(Address("::1", 110), upstream), TCP6ClientEndpoint)
+    assert isinstance(connector._default_endpoint(Address("localhost", 110), upstream), HostnameEndpoint)
+    assert [ip_literal(h) for h in ("192.0.2.1", "2001:db8::1", "mail.example.org", "1.2.3")] == [4, 6, None, None]

@@ -280,9 +280,12 @@ class ClientProtocol(Protocol):
         self._closed = True
         previous = self.machine.state
         self.machine.client_lost()
-        for timer in [*self._timers.values(), self._close_timer, self._header_timer]:
+        # The session's own timers end with it; the upstream's watchdog is the machine's to cancel
+        # (a QUIT delivered after the hang-up still has an answer due).
+        for name in [name for name in self._timers if name is not Timer.UPSTREAM]:
+            self._cancel(self._timers.pop(name))
+        for timer in (self._close_timer, self._header_timer):
             self._cancel(timer)
-        self._timers.clear()
         guard = self.settings.guard
         if guard is not None and self._admitted:
             guard.left(self._admitted_host)

@@ -5,11 +5,12 @@ from __future__ import annotations
 # Resolving a host name needs the IDNA codec, which Python imports on first use. Import it now, while
 # twistd still runs as root: after -u/-g the Python installation may not be readable any more.
 import encodings.idna  # noqa: F401
+import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.error import TimeoutError as TwistedTimeoutError
 from twisted.internet.interfaces import IReactorTCP, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
@@ -57,9 +58,16 @@ class UpstreamConnector:
 
     def _default_endpoint(self, address: Address, upstream: UpstreamConfig) -> IStreamClientEndpoint:
         reactor: IReactorTCP = self._reactor  # type: ignore[assignment]
-        endpoint: IStreamClientEndpoint = HostnameEndpoint(
-            reactor, address.host, address.port, timeout=upstream.connect_timeout
-        )
+        endpoint: IStreamClientEndpoint
+        literal = ip_literal(address.host)
+        if literal == 4:
+            # An address needs no resolving: HostnameEndpoint would still hand it to the resolver's
+            # thread pool (getaddrinfo) on every login.
+            endpoint = TCP4ClientEndpoint(reactor, address.host, address.port, timeout=upstream.connect_timeout)
+        elif literal == 6:
+            endpoint = TCP6ClientEndpoint(reactor, address.host, address.port, timeout=upstream.connect_timeout)
+        else:
+            endpoint = HostnameEndpoint(reactor, address.host, address.port, timeout=upstream.connect_timeout)
         if upstream.tls == "implicit":
             endpoint = wrapClientTLS(client_tls(upstream), endpoint)
         return endpoint
@@ -147,6 +155,14 @@ class UpstreamConnector:
                 continue
             return protocol
         raise UpstreamUnavailable("; ".join(failures) or "no address")
+
+
+def ip_literal(host: str) -> int | None:
+    """4 or 6 if ``host`` is an IPv4 or IPv6 address written out, None for a name."""
+    try:
+        return ipaddress.ip_address(host).version
+    except ValueError:
+        return None
 
 
 def _returning(protocol: UpstreamProtocol) -> Callable[[], UpstreamProtocol]:

@@ -1,10 +1,11 @@
 """Logging in upstream, as a machine with no I/O and no Twisted: greeting, CAPA, STLS, USER, PASS,
 and LIST and UIDL when the hooks need them.
 
-One request at a time, each answer collected whole and bounded. The next request is decided when an
-answer is complete; anything already received beyond that answer was sent before anything was asked,
-so it is an unsolicited line and the upstream is not believed any further (an answer it could be
-taken for has not been asked yet). After ``+OK`` to STLS the same bytes are the RFC 2595 §4 /
+Each answer is collected whole and bounded. Requests go one at a time, except that USER and PASS
+(and LIST and UIDL, when asked for) go in one write where the upstream's CAPA lists PIPELINING
+(RFC 2449 §6.6), which saves round trips on every login. Once every answer asked for is in, anything
+already received beyond them was sent before anything was asked: it is an unsolicited line and the
+upstream is not believed any further. After ``+OK`` to STLS the same bytes are the RFC 2595 §4 /
 RFC 3207 §6 injection: discarded, and the handshake starts.
 
 No credential is ever sent before the upstream's TLS handshake has completed (with the certificate
@@ -14,6 +15,7 @@ verified) where the upstream is configured for STLS: USER is only asked after ``
 from __future__ import annotations
 
 import enum
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -91,7 +93,8 @@ class UpstreamLogin:
         self._starttls = starttls
         self._listing_limit = listing_limit
         self._reader = ResponseReader(_Answers(self), MAX_STATUS_LINE, max_body_line)
-        self.step = Step.GREETING
+        self._expect: deque[Step] = deque([Step.GREETING])  # answers due, in order
+        self._state = Step.GREETING  # DONE or HANDSHAKE when no answer is due
         self._tls_done = False
         self.capabilities: list[bytes] = []
         self._sizes: dict[int, int] = {}
@@ -100,13 +103,18 @@ class UpstreamLogin:
         self._size = 0
 
     @property
+    def step(self) -> Step:
+        """The step whose answer is due next (``HANDSHAKE`` or ``DONE`` when none is)."""
+        return self._expect[0] if self._expect else self._state
+
+    @property
     def finished(self) -> bool:
-        return self.step is Step.DONE
+        return self._state is Step.DONE
 
     @property
     def waiting(self) -> bool:
         """An answer is due (for the glue's watchdog)."""
-        return self.step not in (Step.DONE, Step.HANDSHAKE)
+        return bool(self._expect) and not self.finished
 
     # -- inputs ---------------------------------------------------------------------------------------
 
@@ -115,9 +123,9 @@ class UpstreamLogin:
             self._reader.feed(data)
 
     def tls_ready(self) -> None:
-        if self.step is Step.HANDSHAKE:
+        if self._state is Step.HANDSHAKE and not self._expect:
             self._tls_done = True
-            self._ask(Step.CAPA, b"CAPA")
+            self._ask((Step.CAPA, b"CAPA"))
 
     def lost(self, reason: str) -> None:
         if not self.finished:
@@ -129,14 +137,19 @@ class UpstreamLogin:
 
     # -- the conversation -------------------------------------------------------------------------------
 
-    def _ask(self, step: Step, line: bytes) -> None:
-        self.step = step
-        self._status, self._parts, self._size = b"", [], 0
-        self._emit(SendLine(line + CRLF))
+    def _ask(self, *requests: tuple[Step, bytes]) -> None:
+        """Send ``requests`` in one write (more than one only where the upstream pipelines)."""
+        self._expect.extend(step for step, _ in requests)
+        self._emit(SendLine(b"".join(line + CRLF for _, line in requests)))
+
+    def _ask_next(self, step: Step, line: bytes) -> None:
+        """Ask for ``step`` unless it was already asked for, pipelined."""
+        if step not in self._expect:
+            self._ask((step, line))
 
     def _answered(self, status: bytes, lines: list[bytes]) -> None:
-        step = self.step
-        if self._reader.pending and step is not Step.STLS:
+        step = self._expect.popleft()
+        if self._reader.pending and not self._expect and step is not Step.STLS:
             # Received before the next request was even sent: not an answer to anything.
             self._emit(Warn("upstream sent an unsolicited line; closing", {}))
             self._fail("unsolicited line during login")
@@ -145,17 +158,22 @@ class UpstreamLogin:
             if not is_ok(status):
                 self._fail("greeting was not +OK")
             else:
-                self._ask(Step.CAPA, b"CAPA")
+                self._ask((Step.CAPA, b"CAPA"))
         elif step is Step.CAPA:
             names = capa.names(lines) if is_ok(status) else frozenset()
             if self._starttls and not self._tls_done:
                 if b"STLS" not in names:
                     self._fail("upstream does not offer STLS")
                 else:
-                    self._ask(Step.STLS, b"STLS")
+                    self._ask((Step.STLS, b"STLS"))
                 return
             self.capabilities = lines if is_ok(status) else []
-            self._ask(Step.USER, b"USER " + self._name)
+            requests = [(Step.USER, b"USER " + self._name)]
+            if b"PIPELINING" in names:
+                requests.append((Step.PASS, b"PASS " + self._password))
+                if self._listing_limit is not None:
+                    requests += [(Step.LIST, b"LIST"), (Step.UIDL, b"UIDL")]
+            self._ask(*requests)
         elif step is Step.STLS:
             if not is_ok(status):
                 self._fail("upstream refused STLS")
@@ -166,18 +184,18 @@ class UpstreamLogin:
             if injected:
                 self._emit(Warn("upstream sent {count} bytes in plain text after +OK to STLS; discarded",
                                 {"count": len(injected)}))
-            self.step = Step.HANDSHAKE
+            self._state = Step.HANDSHAKE
             self._emit(BeginTLS())
         elif step is Step.USER:
             if is_ok(status):
-                self._ask(Step.PASS, b"PASS " + self._password)
+                self._ask_next(Step.PASS, b"PASS " + self._password)
             else:
                 self._refused(status)
         elif step is Step.PASS:
             if not is_ok(status):
                 self._refused(status)
             elif self._listing_limit is not None:
-                self._ask(Step.LIST, b"LIST")
+                self._ask_next(Step.LIST, b"LIST")
             else:
                 self._succeed(None)
         elif step is Step.LIST:
@@ -185,7 +203,7 @@ class UpstreamLogin:
                 self._fail("LIST/UIDL at login failed: LIST refused")
                 return
             self._sizes = {n: int(value) for n, value in parse_listing(lines).items() if value.isdigit()}
-            self._ask(Step.UIDL, b"UIDL")
+            self._ask_next(Step.UIDL, b"UIDL")
         elif step is Step.UIDL:
             uidls = ({n: value.decode("ascii", "replace") for n, value in parse_listing(lines).items()}
                      if is_ok(status) else {})
@@ -198,22 +216,26 @@ class UpstreamLogin:
             # [AUTH]; a refusal without it is about something else (shutting down, say).
             self._fail("login refused without [AUTH] by an AUTH-RESP-CODE upstream")
             return
-        self.step = Step.DONE
+        self._finish()
         self._emit(Failed(True, code, f"upstream said {code or 'no'}"))
 
     def _succeed(self, listing: Listing | None) -> None:
-        self.step = Step.DONE
+        self._finish()
         self._emit(Succeeded(self.capabilities, listing))
 
     def _fail(self, reason: str) -> None:
-        self.step = Step.DONE
-        self._reader.pause()
+        self._finish()
         self._emit(Failed(False, None, reason))
+
+    def _finish(self) -> None:
+        self._state = Step.DONE
+        self._expect.clear()
+        self._reader.pause()
 
     # -- answers (from the reader) ------------------------------------------------------------------------
 
     def _status_line(self, line: bytes) -> bool:
-        if self.step in (Step.DONE, Step.HANDSHAKE):
+        if not self._expect or self.finished:
             self._emit(Warn("upstream sent an unsolicited line; closing", {}))
             self._fail("unsolicited line during login")
             return False
@@ -227,7 +249,7 @@ class UpstreamLogin:
         if not has_body:
             self._answered(line, [])
             return False
-        self._status = line
+        self._status, self._parts, self._size = line, [], 0
         self._reader.body_limit = body_limit(line)
         return True
 

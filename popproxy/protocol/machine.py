@@ -481,7 +481,6 @@ class SessionMachine:
         previous = self.state
         self.hung_up = True
         self.state = State.CLOSED
-        self._cancel_upstream_timer_if_idle()
         if self._counted_user is not None and self.settings.guard is not None:
             self.settings.guard.user_left(self._counted_user)
             self._counted_user = None
@@ -502,6 +501,7 @@ class SessionMachine:
             self._emit(CancelLogin())
             return
         if previous is not State.TRANSACTION or not self._upstream_attached:
+            self._cancel_upstream_timer()
             return
         self._hang_up_in_transaction(pending)
 
@@ -614,6 +614,7 @@ class SessionMachine:
     def _drop_upstream(self, reason: str) -> None:
         """Stop believing the upstream: drop its connection without QUIT."""
         self._upstream_attached = False
+        self._cancel_upstream_timer()
         self._reader.take_buffer()
         self._reader.pause()
         self._emit(AbortUpstream(reason))
@@ -1010,8 +1011,6 @@ class SessionMachine:
         entry = self._inflight.popleft()
         answer = entry.answer
         assert answer is not None
-        if not self._inflight:
-            self._cancel_upstream_timer()
         if self._deliver(entry, lambda answer: answer.end()) is None:
             return
         message = answer.wants_hooks if not self.hung_up else None
@@ -1106,19 +1105,20 @@ class SessionMachine:
         self._close(reason)
 
     def _arm_upstream_timer(self) -> None:
+        """A command was sent: an answer is due within ``upstream_timeout`` of now, or of the
+        upstream's last byte if more answers were already due. One timer serves many commands: it
+        is not cancelled when the answers are in (a timer per command costs more than the check
+        when it fires), and when it fires it looks at what is due then."""
+        if len(self._inflight) == 1:
+            self._upstream_activity = self.settings.now()
         if not self._upstream_timer:
             self._upstream_timer = True
-            self._upstream_activity = self.settings.now()
             self._emit(SetTimer(Timer.UPSTREAM, self._limits.upstream_timeout))
 
     def _cancel_upstream_timer(self) -> None:
         if self._upstream_timer:
             self._upstream_timer = False
             self._emit(CancelTimer(Timer.UPSTREAM))
-
-    def _cancel_upstream_timer_if_idle(self) -> None:
-        if not self._inflight:
-            self._cancel_upstream_timer()
 
     def _upstream_timer_fired(self) -> None:
         self._upstream_timer = False
