@@ -242,7 +242,7 @@ class ServerTLS:
 
 def client_tls(
     upstream: UpstreamConfig, hostname: str | None = None, *, config_path: Path | None = None
-) -> IOpenSSLClientConnectionCreator:
+) -> ResumingClientTLS:
     """Client TLS options for ``upstream`` (STLS or implicit TLS), TLS 1.2 at least.
 
     With ``verify`` (the default), the chain must lead to ``upstream.ca`` (or the system's roots)
@@ -272,19 +272,20 @@ def _file_version(path: Path) -> tuple[int, int, int] | None:
 @functools.lru_cache(maxsize=128)
 def _client_tls(
     upstream: UpstreamConfig, server_name: str, config_path: Path, ca_version: object
-) -> IOpenSSLClientConnectionCreator:
+) -> ResumingClientTLS:
     key = f"upstream.{upstream.name}"
     try:
         if not upstream.verify:
-            options = CertificateOptions(verify=False, raiseMinimumTo=_UPSTREAM_MINIMUM)
+            options = CertificateOptions(verify=False, raiseMinimumTo=_UPSTREAM_MINIMUM, enableSessionTickets=True)
             options.getContext()
-            return cast(IOpenSSLClientConnectionCreator, _UnverifiedClientTLS(options, server_name))
+            return ResumingClientTLS(cast(IOpenSSLClientConnectionCreator, _UnverifiedClientTLS(options, server_name)))
         trust_root = _trust_root(upstream.ca, f"{key}.ca", config_path) if upstream.ca else None
-        return optionsForClientTLS(
+        return ResumingClientTLS(optionsForClientTLS(
             server_name,
             trustRoot=trust_root,  # None: platformTrust()
-            extraCertificateOptions={"raiseMinimumTo": _UPSTREAM_MINIMUM},
-        )
+            # Twisted turns tickets off unless asked (OP_NO_TICKET): they carry the resumable session.
+            extraCertificateOptions={"raiseMinimumTo": _UPSTREAM_MINIMUM, "enableSessionTickets": True},
+        ))
     except UnicodeError as error:  # the name cannot be IDNA-encoded
         raise ConfigError(
             config_path, f"{key}.server_name", f"{server_name!r} is not a usable host name: {error}"
@@ -302,6 +303,35 @@ def _trust_root(ca: Path, key: str, config_path: Path) -> IOpenSSLTrustRoot:
         raise ConfigError(config_path, key, f"{ca}: no PEM certificates found") from None
     certificates = [Certificate.loadPEM(root.public_bytes(serialization.Encoding.PEM)) for root in roots]
     return trustRootFromCertificates(certificates)  # type: ignore[no-any-return]
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class ResumingClientTLS:
+    """Client TLS options that offer an upstream the last session it issued, so that a login
+    costs an abbreviated handshake instead of a full one (TLS session resumption: RFC 8446 §2.2
+    with TLS 1.3 tickets, RFC 5077 for TLS 1.2). One per upstream (``client_tls`` caches them by
+    the upstream's settings), so a session is only ever offered to the server that issued it, and
+    checked as before: the certificate of a resumed session is verified by the same callback.
+    If the upstream declines, the handshake is a full one, as without a session.
+    """
+
+    def __init__(self, options: IOpenSSLClientConnectionCreator) -> None:
+        self._options = options
+        self._session: SSL.Session | None = None
+
+    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        connection = self._options.clientConnectionForTLS(tlsProtocol)
+        if self._session is not None:
+            connection.set_session(self._session)
+        return connection
+
+    def remember(self, connection: object) -> None:
+        """Keep ``connection``'s session for the next one. Called once the login's answers have
+        been read, so that a TLS 1.3 ticket, which comes after the handshake, is in."""
+        if isinstance(connection, SSL.Connection):
+            session = connection.get_session()
+            if session is not None:
+                self._session = session
 
 
 @implementer(IOpenSSLClientConnectionCreator)

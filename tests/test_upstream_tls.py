@@ -192,3 +192,108 @@ async def test_response_injected_after_stls_is_discarded(tmp_path: Path, ca: Cer
     assert fake.received[:3] == [b"CAPA", b"STLS", b"CAPA"]
     warnings = [e for e in events if "plain text after +OK to STLS" in str(e.get("log_format", ""))]
     assert warnings and warnings[-1]["count"] == len(injected)
+
+
+class ResumptionRecorder:
+    """A small POP3 server on stdlib ``ssl`` (whose ``session_reused`` is public), in a thread: it
+    records, for each connection, whether the TLS session was resumed."""
+
+    def __init__(self, leaf: IssuedCertificate, tmp_path: Path, upstream_tls: str) -> None:
+        import socket
+        import ssl
+        import threading
+
+        pem = tmp_path / "upstream-leaf.pem"
+        pem.write_bytes(leaf.combined_pem)
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(pem)
+        self.upstream_tls = upstream_tls
+        self.reused: list[bool] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import ssl
+
+        while True:
+            try:
+                raw, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                self._session(raw, ssl)
+            except (OSError, ssl.SSLError):
+                pass
+            finally:
+                raw.close()
+
+    def _session(self, raw: Any, ssl: Any) -> None:
+        conn = raw
+        opened: list[Any] = []
+        try:
+            if self.upstream_tls == "implicit":
+                conn = self.context.wrap_socket(raw, server_side=True)
+                opened.append(conn)
+                self.reused.append(conn.session_reused)
+            conn.sendall(b"+OK ready\r\n")
+            reader = conn.makefile("rb")
+            opened.append(reader)
+            while line := reader.readline():
+                verb = line.split()[0].upper() if line.split() else b""
+                if verb == b"CAPA":
+                    stls = b"STLS\r\n" if conn is raw and self.upstream_tls == "starttls" else b""
+                    conn.sendall(b"+OK\r\nUSER\r\n" + stls + b".\r\n")
+                elif verb == b"STLS":
+                    conn.sendall(b"+OK go\r\n")
+                    conn = self.context.wrap_socket(raw, server_side=True)
+                    opened.append(conn)
+                    self.reused.append(conn.session_reused)
+                    reader = conn.makefile("rb")
+                    opened.append(reader)
+                elif verb == b"QUIT":
+                    conn.sendall(b"+OK bye\r\n")
+                    if conn is not raw:
+                        conn.unwrap()  # close_notify, as Dovecot sends
+                    return
+                else:
+                    conn.sendall(b"+OK\r\n")
+        finally:
+            for item in reversed(opened):
+                item.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.parametrize("upstream_tls", ["starttls", "implicit"])
+@pytest_twisted.ensureDeferred
+async def test_second_login_resumes_the_upstream_tls_session(tmp_path: Path, ca: CertificateAuthority,
+                                                             leaf: IssuedCertificate, upstream_tls: str,
+                                                             events: list[dict[str, Any]]) -> None:
+    """TLS session resumption (RFC 8446 §2.2): the first login to an upstream makes a full
+    handshake, the next ones resume its session, and the certificate is still the one verified."""
+    upstream = ResumptionRecorder(leaf, tmp_path, upstream_tls)
+    ca_file = tmp_path / "upstream-ca.pem"
+    ca_file.write_bytes(ca.cert_pem)
+    listen_port = free_port()
+    config = tmp_path / "popproxy.toml"
+    config.write_text(
+        f'[[listen]]\nendpoint = "tcp:{listen_port}:interface=127.0.0.1"\ntls = "none"\n'
+        f'[upstream.fake]\naddress = "127.0.0.1:{upstream.port}"\ntls = "{upstream_tls}"\n'
+        f'ca = "{ca_file}"\nserver_name = "localhost"\n[routing]\ndefault = "fake"\n'
+    )
+    service = ProxyService(load_config(config), reactor)
+    service.privilegedStartService()
+    service.startService()
+    try:
+        for _ in range(3):
+            answers = await deferToThread(session, listen_port, LOGIN + [(b"QUIT", False)])
+            assert answers[2] == b"+OK Logged in.\r\n"
+    finally:
+        await service.stopService()
+        upstream.close()
+    assert upstream.reused == [False, True, True]
+    ended = [e for e in events if e.get("event") == "session_ended" and e.get("user") == "alice"]
+    assert {e["upstream_peer_cert_sha256"] for e in ended} == {leaf.sha256_fingerprint}

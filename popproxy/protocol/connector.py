@@ -119,6 +119,10 @@ class UpstreamConnector:
         except Exception as error:
             protocol.abort()
             raise UpstreamUnavailable(describe(error)) from None
+        if upstream.tls != "none":
+            # The login's answers came after the handshake, so a TLS 1.3 ticket is in by now: the
+            # next login to this upstream resumes the session.
+            client_tls(upstream).remember(protocol.transport.getHandle())
         return LoggedIn(protocol, succeeded.listing)
 
     async def _connect(self, upstream: UpstreamConfig, name: bytes, password: bytes, log_fields: dict[str, object],
