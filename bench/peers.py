@@ -1,4 +1,5 @@
-"""The paths a benchmark client can take to the same Dovecot: direct, popproxy, stunnel, nginx, perdition.
+"""The paths a benchmark client can take to the same Dovecot: direct, popproxy, stunnel, nginx, perdition,
+HAProxy, the Twisted floor, and popproxy with a hook (workload F, with its own spamd for the spam hook).
 
 Each ``Target`` knows where the client connects (port, TLS or not), how to start and stop whatever
 sits in between, and which processes to charge CPU time to. Every server listens on 127.0.0.1 only,
@@ -8,15 +9,21 @@ the benchmark's temporary folder: nothing under /etc is read or written.
 
 from __future__ import annotations
 
+import os
+import pwd
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 from procs import die_with_parent, free_port, stop_tree, wait_for_port
+from workloads import Rewritten
 
 BENCH = Path(__file__).resolve().parent
 TWISTD = str(Path(sys.executable).with_name("twistd"))
@@ -49,9 +56,14 @@ class Target:
     version: str = ""
     _procs: list[subprocess.Popen[bytes]] = field(default_factory=list, repr=False)
     # The processes whose CPU time is the proxy's ([] for direct); ``aux`` is CPU charged separately
-    # (nginx's auth_http helper).
+    # (nginx's auth_http helper, spamd), described by ``aux_name``.
     cpu_pids: list[int] = field(default_factory=list)
     aux_pids: list[int] = field(default_factory=list)
+    aux_name: str = ""
+    workloads: str = "ABCD"  # the workloads this path takes part in
+    # What RETR returns on this path: None, the generated message byte for byte; else the header
+    # fields hooks put on top of it (workload F's rewriting hooks).
+    rewritten: Rewritten | None = None
 
     def start(self) -> None:
         """Start whatever sits between client and Dovecot; sets ``skip`` instead of raising."""
@@ -93,12 +105,18 @@ class PopProxy(Target):
         label, client_tls, listen_tls, upstream_tls = self.MODES[mode]
         super().__init__(f"popproxy_{mode}", label, client_tls,
                          f"twistd -n popproxy; listener tls={listen_tls}, upstream tls={upstream_tls}")
+        if mode == "tls_plain":
+            self.workloads = "ABCDF"  # F's reference: the same fetch without a hook
         self.workdir = workdir / f"popproxy-{mode}"
         self.files = files
         self.listen_tls = listen_tls
         self.upstream_tls = upstream_tls
         self.dovecot_plain = dovecot_plain
         self.dovecot_tls = dovecot_tls
+
+    def hooks(self) -> str:
+        """``[[hook]]`` tables for the configuration: none, popproxy as a plain relay."""
+        return ""
 
     def start(self) -> None:
         import popproxy
@@ -116,7 +134,7 @@ class PopProxy(Target):
                         f'ca = "{self.files.ca}"\nserver_name = "localhost"\n')
         config = self.workdir / "popproxy.toml"
         config.write_text(f"[[listen]]\n{listener}\n[upstream.dovecot]\n{upstream}connect_timeout = 5\n\n"
-                          '[routing]\ndefault = "dovecot"\n')
+                          '[routing]\ndefault = "dovecot"\n' + self.hooks())
         log = self.workdir / "twistd.log"
         process = self._spawn([TWISTD, "-n", "--pidfile", str(self.workdir / "twistd.pid"), "--logfile", str(log),
                                "popproxy", "-c", str(config)], self.workdir / "stdout.txt", self.workdir)
@@ -186,6 +204,7 @@ class Nginx(Target):
                            self.workdir / "auth_http.txt", self.workdir)
         wait_for_port(auth_port, auth, log=self.workdir / "auth_http.txt")
         self.aux_pids = [auth.pid]
+        self.aux_name = "Python auth_http helper"
         config = self.workdir / "nginx.conf"
         # Debian's stock nginx.conf runs "worker_processes auto" (one per core); everything else
         # not set here is nginx's default (proxy_buffer = one page, 4 KiB).
@@ -262,6 +281,222 @@ class Perdition(Target):
         process = self._spawn(argv, log, self.workdir)
         wait_for_port(self.port, process, log=log)
         self.cpu_pids = [process.pid]
+
+
+class Haproxy(Target):
+    def __init__(self, workdir: Path, files: Files, dovecot_plain: int) -> None:
+        super().__init__("haproxy", "HAProxy TLS->plain", True,
+                         "haproxy, mode tcp, bind ... ssl crt (key + chain in one PEM), server Dovecot plain")
+        self.workdir = workdir / "haproxy"
+        self.files = files
+        self.dovecot_plain = dovecot_plain
+
+    def start(self) -> None:
+        binary = find("haproxy")
+        if binary is None:
+            self.skip = "haproxy not installed"
+            return
+        words = _first_line([binary, "-v"], "HAProxy version ?").split()  # "HAProxy version 2.6.12-1+deb12u4 ..."
+        self.version = f"HAProxy {words[2].split('-')[0] if len(words) > 2 else '?'}"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        config = self.workdir / "haproxy.cfg"
+        # Defaults kept: one process with a thread per core, TCP_NODELAY, splicing where it can. The
+        # timeouts are there because haproxy warns without them; none is reached.
+        config.write_text(
+            "global\n"
+            "    ssl-default-bind-options ssl-min-ver TLSv1.2\n"
+            "defaults\n"
+            "    mode tcp\n"
+            "    timeout connect 5s\n"
+            "    timeout client 60s\n"
+            "    timeout server 60s\n"
+            "frontend pop3s\n"
+            f"    bind 127.0.0.1:{self.port} ssl crt {self.files.combined}\n"
+            "    default_backend dovecot\n"
+            "backend dovecot\n"
+            f"    server dovecot 127.0.0.1:{self.dovecot_plain}\n"
+        )
+        check = subprocess.run([binary, "-c", "-q", "-f", str(config)], capture_output=True, text=True, check=False)
+        if check.returncode != 0:
+            raise RuntimeError(f"haproxy -c rejected {config}:\n{check.stdout}{check.stderr}")
+        log = self.workdir / "stdout.txt"
+        process = self._spawn([binary, "-db", "-f", str(config)], log, self.workdir)
+        wait_for_port(self.port, process, log=log)
+        self.cpu_pids = [process.pid]
+
+
+class Floor(Target):
+    def __init__(self, workdir: Path, files: Files, dovecot_plain: int) -> None:
+        super().__init__("floor", "Twisted floor TLS->plain", True,
+                         "bench/floor.py: a bare Twisted TLS->plain byte relay, popproxy's Python and Twisted")
+        self.workdir = workdir / "floor"
+        self.files = files
+        self.dovecot_plain = dovecot_plain
+
+    def start(self) -> None:
+        import twisted
+
+        self.version = f"Twisted {twisted.__version__}"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        log = self.workdir / "stdout.txt"
+        process = self._spawn([sys.executable, str(BENCH / "floor.py"), str(self.port), str(self.dovecot_plain),
+                               str(self.files.combined)], log, self.workdir)
+        wait_for_port(self.port, process, log=log)
+        self.cpu_pids = [process.pid]
+
+
+class HookedPopProxy(PopProxy):
+    """popproxy TLS->plain with one hook (workload F), each hook in a popproxy of its own. The
+    ``spamassassin`` one starts its own spamd first (:class:`Spamd`), whose CPU time is shown apart."""
+
+    HOOKS: ClassVar[dict[str, str]] = {
+        "audit": "popproxy + audit-log",
+        "rewrite": "popproxy + rewrite",
+        "spamassassin": "popproxy + spamassassin",
+    }
+
+    def __init__(self, hook: str, workdir: Path, files: Files, dovecot_plain: int, dovecot_tls: int) -> None:
+        super().__init__("tls_plain", workdir, files, dovecot_plain, dovecot_tls)
+        self.key = f"popproxy_{hook}"
+        self.label = self.HOOKS[hook]
+        self.hook = hook
+        self.workdir = workdir / f"popproxy-{hook}"
+        self.workloads = "F"
+        self.spamd: Spamd | None = None
+        if hook == "rewrite":
+            self.describe += "; one rule: when From matches @example.org, add_header X-Bench-Rewritten"
+            self.rewritten = Rewritten(required=(b"X-Bench-Rewritten",))
+        elif hook == "spamassassin":
+            self.describe += "; spamd on 127.0.0.1 (TCP), SYMBOLS per message, no network tests"
+            self.rewritten = Rewritten(required=(b"X-Spam-Level", b"X-Spam-Status"), optional=(b"X-Spam-Flag",))
+        else:
+            self.describe += f"; audit-log to a file in the temporary folder ({hook}.jsonl)"
+
+    def hooks(self) -> str:
+        if self.hook == "audit":
+            return f'\n[[hook]]\nuse = "audit-log"\npath = "{self.workdir / "audit.jsonl"}"\n'
+        if self.hook == "rewrite":
+            return ('\n[[hook]]\nuse = "rewrite"\n\n[[hook.rule]]\n'
+                    'when_header = [{ name = "From", matches = "(?i)@example\\\\.org>?$" }]\n'
+                    'add_header = ["X-Bench-Rewritten: yes"]\n')
+        assert self.spamd is not None
+        # "refuse": a message spamd did not scan is an error of the run, not a fast result.
+        return (f'\n[[hook]]\nuse = "spamassassin"\naddress = "127.0.0.1:{self.spamd.port}"\n'
+                'timeout = 30\non_error = "refuse"\n')
+
+    def start(self) -> None:
+        if self.hook == "spamassassin":
+            if find("spamd") is None:
+                self.skip = "spamd not installed (Debian package spamd)"
+                return
+            self.spamd = spamd = Spamd(self.workdir.parent / "spamd")
+            process = self._spawn(spamd.command(), spamd.workdir / "stdout.txt", spamd.root)
+            spamd.wait(process)
+            self.aux_pids = [process.pid]
+            self.aux_name = "spamd"
+        super().start()
+        if self.spamd is not None:
+            self.version += f", {self.spamd.version}"
+
+    def stop(self) -> None:
+        super().stop()
+        if self.spamd is not None:
+            self.spamd.close()
+
+    def time_spamc(self, messages: list[bytes]) -> float:
+        """Seconds for spamd to check ``messages`` one after the other through ``spamc -y`` (the
+        SYMBOLS request the hook makes), without popproxy: spamd's own share of F's spam path. Each
+        spamc is a new process, which adds a millisecond or two per message."""
+        assert self.spamd is not None
+        spamc = find("spamc")
+        if spamc is None:
+            raise RuntimeError("spamc not installed (Debian package spamc)")
+        argv = [spamc, "-d", "127.0.0.1", "-p", str(self.spamd.port), "-y", "-x", "-t", "30"]
+        started = time.perf_counter()
+        for message in messages:
+            subprocess.run(argv, input=message, capture_output=True, timeout=60, check=True)
+        return time.perf_counter() - started
+
+
+class Spamd:
+    """A SpamAssassin spamd for workload F, with the command line and site configuration of the test
+    suite's fixture (tests/support/spamd.py): deterministic results, no DNS, no network tests, no
+    Bayes, the package's own rules, 127.0.0.1 only, two children. Running as root, spamd runs as
+    ``debian-spamd``, which must read its tree, so the tree is a folder of its own (mode 0755) in the
+    system temporary directory, copied back for ``--keep`` and removed by :meth:`close`."""
+
+    RULES = Path("/usr/share/spamassassin")  # pinned: rules sa-update fetched are not used
+    PLUGIN_LOADERS = Path("/etc/spamassassin")  # its *.pre files only, never its local.cf
+    LOCAL_CF = (
+        "# popproxy bench: deterministic results, no network.\n"
+        "dns_available no\nskip_rbl_checks 1\nuse_razor2 0\nuse_pyzor 0\nuse_bayes 0\n"
+        "bayes_auto_learn 0\nrequired_score 5.0\n"
+    )
+
+    def __init__(self, workdir: Path) -> None:
+        binary = find("spamd")
+        assert binary is not None
+        self.binary = binary
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.as_root = os.geteuid() == 0
+        self.root = Path(tempfile.mkdtemp(prefix="popproxy-bench-spamd-")) if self.as_root else workdir
+        self.root.chmod(0o755)
+        self.port = free_port()
+        self.version = "spamd " + _first_line([self.binary, "--version"], "?").split()[-1]
+
+    def command(self) -> list[str]:
+        site = self.root / "site"
+        site.mkdir(exist_ok=True)
+        for loader in sorted(self.PLUGIN_LOADERS.glob("*.pre")):
+            shutil.copyfile(loader, site / loader.name)
+        (site / "local.cf").write_text(self.LOCAL_CF)
+        home = self.root / "home"
+        home.mkdir(exist_ok=True)
+        argv = [
+            self.binary, "--nouser-config", "--local", f"--listen=127.0.0.1:{self.port}",
+            "--allowed-ips=127.0.0.1", "--max-children=2", f"--helper-home-dir={home}",
+            f"--siteconfigpath={site}", f"--pidfile={self.root / 'spamd.pid'}", f"--syslog={self.root / 'spamd.log'}",
+        ]
+        if self.RULES.is_dir():
+            argv.append(f"--configpath={self.RULES}")
+        if self.as_root:
+            try:
+                user = pwd.getpwnam("debian-spamd")
+            except KeyError:
+                user = pwd.getpwnam("nobody")
+            os.chown(home, user.pw_uid, user.pw_gid)
+            argv.append(f"--username={user.pw_name}")
+        return argv
+
+    def wait(self, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+        """Until ``PING`` gets ``PONG`` (the children are up, not just the listening socket)."""
+        log = self.workdir / "stdout.txt"
+        wait_for_port(self.port, process, timeout=timeout, log=log)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+                    sock.sendall(b"PING SPAMC/1.5\r\n\r\n")
+                    answer = b"".join(iter(lambda: sock.recv(4096), b""))
+                if b"PONG" in answer:
+                    return
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                logged = self.root / "spamd.log"
+                tail = logged.read_text(errors="replace")[-2000:] if logged.exists() else ""
+                raise RuntimeError(f"spamd did not answer PING within {timeout} s\n{tail}")
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        if self.root != self.workdir and self.root.exists():
+            for name in ("spamd.log", "site/local.cf"):
+                if (self.root / name).exists():
+                    shutil.copyfile(self.root / name, self.workdir / Path(name).name)
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 def _first_line(argv: list[str], fallback: str) -> str:

@@ -1,8 +1,10 @@
 """Relay benchmark: the same POP3 workloads, direct to Dovecot and through popproxy and its peers.
 
 Run it with ``bench/run`` (which installs the peers and the venv first); ``--help`` lists the knobs.
-Everything (one Dovecot, three popproxy instances, stunnel, nginx, perdition) starts in a temporary
-folder on 127.0.0.1, runs side by side in one run, and is stopped before the results are printed.
+Everything (one Dovecot, three popproxy instances, stunnel, nginx, perdition, HAProxy, the Twisted
+floor, and for workload F three more popproxy instances with a hook each and a spamd) starts in a
+temporary folder on 127.0.0.1, runs side by side in one run, and is stopped before the results are
+printed.
 Results: a table on stdout, the same as JSON in bench/results/latest.json. See bench/README.md.
 """
 
@@ -33,7 +35,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # tests/support: the Dovecot fixture
 
 from popproxy.pki import CertificateAuthority, write_private
 
-from peers import Direct, Files, Nginx, Perdition, PopProxy, Stunnel, Target
+from peers import Direct, Files, Floor, Haproxy, HookedPopProxy, Nginx, Perdition, PopProxy, Stunnel, Target
 from procs import cmdline, descendants, tree_cpu_seconds
 from support.dovecot import DovecotServer
 from workloads import (
@@ -54,7 +56,9 @@ WORKLOADS = {
     "B": ("MB/s", "RETR of one large message"),
     "C": ("msg/s", "concurrent sessions, each RETR-ing its own messages"),
     "D": ("sessions/s", "connect [+TLS], USER, PASS, STAT, QUIT"),
+    "F": ("msg/s", "workload A through popproxy TLS->plain with a hook (audit-log, rewrite, spamassassin)"),
 }
+HOOK_PATHS = ["popproxy_audit", "popproxy_rewrite", "popproxy_spamassassin"]
 
 
 # --- the mailbox ------------------------------------------------------------------------------------
@@ -135,6 +139,13 @@ def fmt(value: float) -> str:
     return f"{value:.2f}"
 
 
+def fmt_ratio(value: float | None) -> str:
+    """Two decimals; two significant digits below 0.1 (the spam hook's ratios are around 0.003)."""
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if value >= 0.1 else f"{value:.2g}"
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -145,6 +156,9 @@ class Bench:
         self.per_client_c = 25 if quick else 100
         self.sessions_d = 60 if quick else 200
         self.threads_d = 10
+        # F: A's messages through each hook; spamd takes tens of ms per message, so its path gets fewer.
+        self.count_f = self.count_a
+        self.count_f_spam = 30 if quick else 100
         self.cap = args.cap if args.cap is not None else (5.0 if quick else 15.0)
         self.large_mb = args.large_mb
         self.results: dict[str, dict[str, dict[str, object]]] = {w: {} for w in args.workloads}
@@ -154,6 +168,7 @@ class Bench:
     def build_mail(self, dovecot: DovecotServer) -> None:
         rng = random.Random(20240101)
         small = [small_message(rng, i) for i in range(1000)]
+        self.small = small  # F's spamc timing sends the same messages to spamd directly
         large = large_message(rng, self.large_mb)
         self.large_size = len(large)
         self.seq = self._account(dovecot, "seq", small)
@@ -177,11 +192,19 @@ class Bench:
         for account in accounts:
             client = Client(target.port, context)
             client.login(account.user, account.password)
-            if client.command(b"STAT") != account.stat:
+            stat = client.command(b"STAT")
+            # Rewriting hooks grow the sizes (popproxy's reservations); the message count stays.
+            if stat != account.stat and not (target.rewritten and stat.split()[:2] == account.stat.split()[:2]):
                 raise RuntimeError(f"{target.label}: STAT for {account.user} differs from the generated mailbox")
             client.command(b"LIST")
             client.body()
+            if "F" in target.workloads:
+                client.retr(1)  # the hook's first message (spamd's children load their rules)
             client.quit()
+
+    def count_f_for(self, target: Target) -> int:
+        """F's messages on this path: A's count, fewer for the spam hook (spamd's tens of ms each)."""
+        return self.count_f_spam if target.key == "popproxy_spamassassin" else self.count_f
 
     # -- one cell of the table --
 
@@ -207,6 +230,7 @@ class Bench:
         so that a disturbance from outside (other jobs on the machine) hits one round of several
         paths rather than every round of one. A path stops repeating once it has failed, been capped
         or used a third of the cap; each path keeps its best round."""
+        targets = [t for t in targets if workload in t.workloads]
         rounds: dict[str, list[tuple[Outcome, list[float]]]] = {t.key: [] for t in targets}
         spent = {t.key: 0.0 for t in targets}
         profilers = [p for p in (self.start_profiler(workload, t) for t in targets) if p is not None]
@@ -224,6 +248,8 @@ class Bench:
             profiler.wait(30)
         for target in targets:
             self.record(workload, target, rounds[target.key])
+            if isinstance(target, HookedPopProxy) and target.spamd is not None:
+                self.time_spamd(target)
 
     def run_round(self, workload: str, target: Target, context: ssl.SSLContext | None,
                   dovecot: DovecotServer) -> tuple[Outcome, list[float]]:
@@ -234,6 +260,8 @@ class Bench:
             "B": lambda: large_fetch(target.port, context, self.big),
             "C": lambda: concurrent_fetch(target.port, context, self.conc, self.per_client_c, self.cap),
             "D": lambda: login_sessions(target.port, context, self.login, self.sessions_d, self.threads_d, self.cap),
+            "F": lambda: sequential_fetch(target.port, context, self.seq, self.count_f_for(target), self.cap,
+                                          rewritten=target.rewritten, check_sizes=True),
         }[workload]
         assert dovecot.master_pid is not None
         groups = [target.cpu_pids, target.aux_pids, [dovecot.master_pid]]
@@ -267,11 +295,19 @@ class Bench:
         work = sum(o.done * (o.nbytes / 1e6 if workload == "B" else 1) for o, _ in rounds)
         cell["work_per_round"] = round(work / n, 3)  # messages, MB (B) or sessions
         cell["proxy_cpu_per_unit_s"] = cpu[0] / work if target.cpu_pids and work else None
-        direct = self.results[workload].get("direct")
-        if direct and direct.get("value") and outcome.value is not None:
-            cell["ratio"] = round(outcome.value / direct["value"], 3)  # type: ignore[operator]
+        cell["aux_cpu_per_unit_s"] = cpu[1] / work if target.aux_pids and work else None
+        if workload == "F":
+            # F is A with a hook. Its reference is A through popproxy without a hook, run again in F's own
+            # interleaved rounds (so that a change of load between workloads cannot skew the ratio).
+            if target.key == "popproxy_tls_plain":
+                cell["ratio"] = 1.0 if outcome.value else None
+            else:
+                cell["ratio"] = self.ratio(outcome.value, "F", "popproxy_tls_plain")
+            cell["ratio_direct"] = self.ratio(outcome.value, "A", "direct")
+        elif target.key == "direct":
+            cell["ratio"] = 1.0 if outcome.value else None
         else:
-            cell["ratio"] = 1.0 if target.key == "direct" and outcome.value else None
+            cell["ratio"] = self.ratio(outcome.value, workload, "direct")
         self.results[workload][target.key] = cell
         status = "ERROR " + outcome.error if outcome.error else (
             f"{fmt(outcome.value or 0)} {cell['unit']}  rounds: " + ", ".join(fmt(v or 0) for v in cell["rounds"]))
@@ -280,6 +316,34 @@ class Bench:
         if outcome.capped:
             status += f"  (capped: {outcome.done}/{outcome.planned} in {outcome.seconds:.1f} s)"
         print(f"  {workload}  {target.label:<30} {status}", flush=True)
+
+    def ratio(self, value: float | None, workload: str, key: str) -> float | None:
+        """``value`` / the ``key`` row's value in ``workload`` (this run); None if either is missing."""
+        cell = self.results.get(workload, {}).get(key)
+        reference = cell.get("value") if cell and not cell.get("error") and not cell.get("wrong") else None
+        return float(f"{value / reference:.3g}") if value is not None and reference else None  # type: ignore[operator]
+
+    def time_spamd(self, target: HookedPopProxy) -> None:
+        """spamd on its own, for the messages F's spam path fetched: ``spamc -y`` one message at a
+        time, with spamd's CPU time meanwhile; next to that path's F cell."""
+        cell = self.results["F"].get(target.key)
+        if cell is None or target.spamd is None:
+            return
+        messages = self.small[:self.count_f_for(target)]
+        before = tree_cpu_seconds(target.aux_pids)
+        try:
+            seconds = target.time_spamc(messages)
+        except Exception as error:  # noqa: BLE001 (reported, the run goes on)
+            cell["spamc"] = {"error": f"{type(error).__name__}: {error}"[:300]}
+            print(f"  F  spamc -y alone                  ERROR {cell['spamc']['error']}", flush=True)
+            return
+        time.sleep(0.2)
+        cpu = tree_cpu_seconds(target.aux_pids) - before
+        cell["spamc"] = {"messages": len(messages), "seconds": round(seconds, 3),
+                         "value": round(len(messages) / seconds, 2), "spamd_cpu_s": round(cpu, 3),
+                         "spamd_cpu_per_message_s": cpu / len(messages)}
+        print(f"  F  {'spamc -y alone':<30} {fmt(len(messages) / seconds)} msg/s "
+              f"({1000 * seconds / len(messages):.1f} ms per message)", flush=True)
 
 
 # --- output -------------------------------------------------------------------------------------------
@@ -304,7 +368,8 @@ def cell_text(cell: dict[str, object] | None) -> str:
 
 
 def render(bench: Bench, targets: list[Target], meta: dict[str, object]) -> str:
-    w = bench.args.workloads
+    w = [x for x in bench.args.workloads if x != "F"]  # the main table; F has its own below
+    paths = [t for t in targets if t.workloads != "F"]
     out = []
     out.append(f"popproxy relay benchmark, {meta['date']}, {'--quick' if bench.args.quick else 'full run'}, "
                f"{meta['cpus']} CPUs, {meta['kernel']}, load {meta['load_1min_at_start']} at start")
@@ -315,26 +380,29 @@ def render(bench: Bench, targets: list[Target], meta: dict[str, object]) -> str:
         "B": f"B: RETR of one {bench.large_size / 1e6:.1f} MB message",
         "C": f"C: {bench.clients_c} sessions at once, {bench.per_client_c} x RETR each (~3 KB)",
         "D": f"D: {bench.sessions_d} x (connect [+TLS], USER, PASS, STAT, QUIT) from {bench.threads_d} threads",
+        "F": f"F: A through popproxy TLS->plain, without a hook and with one hook each: {bench.count_f} x RETR "
+             f"({bench.count_f_spam} with spamassassin); table below",
     }
-    out.extend(desc[x] for x in w)
+    out.extend(desc[x] for x in bench.args.workloads)
     out.append(f"Every cell: absolute (ratio to direct plain), best of up to {bench.rounds} rounds; higher is better.")
     out.append(f"* = stopped at the {bench.cap:.0f} s cap: the rate of the part done.")
     out.append("")
     head = f"{'path':<30}" + "".join(f"{x + ' ' + WORKLOADS[x][0]:>17}" for x in w)
     out.append(head)
     out.append("-" * len(head))
-    for t in targets:
+    for t in paths:
         if t.skip:
             out.append(f"{t.label:<30}  not run: {t.skip}")
             continue
         out.append(f"{t.label:<30}" + "".join(f"{cell_text(bench.results[x].get(t.key)):>17}" for x in w))
     out.append("")
+    out.extend(render_floor(bench, w))
     per_unit = {"A": (1e6, "us/msg"), "B": (1e3, "ms/MB"), "C": (1e6, "us/msg"), "D": (1e3, "ms/sess")}
     out.append("Proxy CPU time (whole process tree, from /proc): seconds per round, and per unit of work")
     head = f"{'path':<30}" + "".join(f"{x + ' CPU s':>10}{per_unit[x][1]:>10}" for x in w)
     out.append(head)
     out.append("-" * len(head))
-    for t in targets:
+    for t in paths:
         if t.skip or not t.cpu_pids:
             continue
         row = f"{t.label:<30}"
@@ -346,20 +414,22 @@ def render(bench: Bench, targets: list[Target], meta: dict[str, object]) -> str:
             cpu, per = cell["proxy_cpu_s"], cell["proxy_cpu_per_unit_s"]
             row += f"{cpu:>10.2f}{fmt(per * per_unit[x][0]) if per is not None else '-':>10}"
         out.append(row)
-    if any(t.aux_pids for t in targets):
-        for t in targets:
-            if t.aux_pids:
-                aux = ", ".join(f"{x} {bench.results[x][t.key]['aux_cpu_s']}" for x in w
-                                if t.key in bench.results[x] and bench.results[x][t.key].get("aux_cpu_s") is not None)
-                out.append(f"  ({t.label}: not included above, its Python auth_http helper used CPU s: {aux})")
+    for t in paths:
+        if t.aux_pids:
+            aux = ", ".join(f"{x} {bench.results[x][t.key]['aux_cpu_s']}" for x in w
+                            if t.key in bench.results[x] and bench.results[x][t.key].get("aux_cpu_s") is not None)
+            out.append(f"  ({t.label}: not included above, its {t.aux_name} used CPU s: {aux})")
     if "A" in w:
         out.append("")
         out.append("A: time per RETR, ms (p50 / p99 / max)")
-        for t in targets:
+        for t in paths:
             cell = bench.results["A"].get(t.key)
             if cell and not cell.get("error"):
                 lat = cell["extra"]["latency_ms"]
                 out.append(f"  {t.label:<30}{lat['p50']:>8.2f} /{lat['p99']:>8.2f} /{lat['max']:>8.2f}")
+    if "F" in bench.args.workloads:
+        out.append("")
+        out.extend(render_hooks(bench, [t for t in targets if "F" in t.workloads]))
     tls = sorted({str(c["extra"].get("tls_version")) for r in bench.results.values() for c in r.values()
                   if c.get("extra", {}).get("tls_version")})
     out.append("")
@@ -367,6 +437,67 @@ def render(bench: Bench, targets: list[Target], meta: dict[str, object]) -> str:
     for t in targets:
         out.append(f"  {t.label:<30}{t.version or '-':<28}{t.describe}")
     return "\n".join(out)
+
+
+def render_floor(bench: Bench, w: list[str]) -> list[str]:
+    """Two ratios per workload that place popproxy between the floor and stunnel (see README)."""
+    pairs = [("popproxy_tls_plain", "floor", "popproxy TLS->plain / floor", "cost of being POP3-aware"),
+             ("floor", "stunnel", "floor / stunnel", "cost of the platform")]
+    if not any("floor" in bench.results[x] for x in w):
+        return []
+    out = ["Two rows divided, same run (1.00: no cost; below 1: the first row carries less)"]
+    head = f"{'':<58}" + "".join(f"{x:>8}" for x in w)
+    out.append(head)
+    out.append("-" * len(head))
+    for upper, lower, name, meaning in pairs:
+        row = f"{name:<30}{meaning:<28}"
+        for x in w:
+            cell = bench.results[x].get(upper)
+            ratio = bench.ratio(cell.get("value") if cell and not cell.get("error") and not cell.get("wrong")
+                                else None, x, lower)  # type: ignore[arg-type]
+            row += f"{fmt_ratio(ratio):>8}"
+        out.append(row)
+    out.append("")
+    return out
+
+
+def render_hooks(bench: Bench, hooked: list[Target]) -> list[str]:
+    """Workload F: each hook's msg/s, its ratio to no hook, CPU per message, spamd alone."""
+    out = ["F: workload A through popproxy TLS->plain, each hook in a popproxy of its own, in interleaved rounds with",
+           f"   popproxy without a hook; best of up to {bench.rounds} rounds. Ratios: to the no-hook row (same rounds),",
+           "   and to direct in A. us/msg: popproxy's CPU per message, the session's login included; spamd's apart."]
+    head = (f"{'path':<30}{'messages':>9}{'F msg/s':>10}{'/ no hook':>11}{'/ direct A':>12}{'us/msg':>9}"
+            f"{'RETR ms p50 / p99':>20}")
+    out.append(head)
+    out.append("-" * len(head))
+    for t in hooked:
+        if t.skip:
+            out.append(f"{t.label:<30}  not run: {t.skip}")
+            continue
+        cell = bench.results["F"].get(t.key)
+        if cell is None:
+            continue
+        if cell.get("error") or cell.get("wrong"):
+            out.append(f"{t.label:<30}{cell_text(cell):>19}")
+            continue
+        ratio, direct, per = cell.get("ratio"), cell.get("ratio_direct"), cell.get("proxy_cpu_per_unit_s")
+        lat = cell["extra"]["latency_ms"]  # type: ignore[index]
+        label = t.label + (" (no hook)" if t.key == "popproxy_tls_plain" else "")
+        out.append(f"{label:<30}{cell['done']:>9}{cell_text({**cell, 'ratio': None}):>10}"
+                   f"{fmt_ratio(ratio):>11}{fmt_ratio(direct):>12}"
+                   f"{fmt(per * 1e6) if per is not None else '-':>9}{lat['p50']:>11.2f} /{lat['p99']:>6.2f}")
+        spamc = cell.get("spamc")
+        if spamc:
+            assert isinstance(spamc, dict)
+            if spamc.get("error"):
+                out.append(f"  spamd alone: ERROR {spamc['error']}")
+                continue
+            through = cell.get("aux_cpu_per_unit_s")
+            out.append(f"  spamd alone (spamc -y, one message at a time): {fmt(spamc['value'])} msg/s, "
+                       f"{1000 * spamc['seconds'] / spamc['messages']:.1f} ms per message; spamd CPU "
+                       f"{1000 * spamc['spamd_cpu_per_message_s']:.1f} ms per message alone, "
+                       + (f"{1000 * through:.1f} through popproxy" if through is not None else "-"))
+    return out
 
 
 # --- main -------------------------------------------------------------------------------------------
@@ -401,10 +532,11 @@ def versions() -> dict[str, str]:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller workloads and a 5 s cap (about a minute)")
-    parser.add_argument("--workloads", default="ABCD", help="which workloads, e.g. AB (default ABCD)")
+    parser.add_argument("--workloads", default="ABCDF", help="which workloads, e.g. AB (default ABCDF)")
     parser.add_argument("--paths", default="", help="comma-separated path keys to run (default: all); "
                         "direct is always run. Keys: direct_tls, popproxy_plain, popproxy_tls_plain, "
-                        "popproxy_tls_tls, stunnel, nginx, perdition_tls, perdition_plain")
+                        "popproxy_tls_tls, floor, stunnel, haproxy, nginx, perdition_tls, perdition_plain, "
+                        "and for F: " + ", ".join(HOOK_PATHS))
     parser.add_argument("--cap", type=float, default=None, help="seconds per workload and path before it "
                         "stops and reports the rate of the part done (default 15, --quick 5)")
     parser.add_argument("--rounds", type=int, default=0, help="rounds per cell, best kept (default 5, --quick 1); "
@@ -455,14 +587,19 @@ def main() -> int:
             PopProxy("plain", work, files, dovecot.plain_port, dovecot.tls_port),
             PopProxy("tls_plain", work, files, dovecot.plain_port, dovecot.tls_port),
             PopProxy("tls_tls", work, files, dovecot.plain_port, dovecot.tls_port),
+            Floor(work, files, dovecot.plain_port),
             Stunnel(work, files, dovecot.plain_port),
+            Haproxy(work, files, dovecot.plain_port),
             Nginx(work, files, dovecot.plain_port),
             Perdition(work, files, dovecot.plain_port, tls=True),
             Perdition(work, files, dovecot.plain_port, tls=False),
+            *(HookedPopProxy(key.removeprefix("popproxy_"), work, files, dovecot.plain_port, dovecot.tls_port)
+              for key in HOOK_PATHS),
         ]
         if args.paths:
             wanted = {"direct", *args.paths.split(",")}
             targets = [t for t in targets if t.key in wanted]
+        targets = [t for t in targets if set(t.workloads) & set(args.workloads)]
         for target in targets:
             try:
                 target.start()
@@ -518,9 +655,10 @@ def main() -> int:
             "A_messages": bench.count_a, "B_bytes": bench.large_size, "rounds": bench.rounds,
             "C_clients": bench.clients_c, "C_messages_each": bench.per_client_c,
             "D_sessions": bench.sessions_d, "D_threads": bench.threads_d, "cap_s": bench.cap,
+            "F_messages": bench.count_f, "F_messages_spamassassin": bench.count_f_spam,
         },
         "paths": [{"key": t.key, "label": t.label, "client_tls": t.client_tls, "describe": t.describe,
-                   "version": t.version, "skip": t.skip} for t in targets],
+                   "version": t.version, "skip": t.skip, "workloads": t.workloads} for t in targets],
         "results": bench.results,
         "table": table,
     }

@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import connectProtocol
 from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Protocol
@@ -47,6 +46,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..config import HookConfig
+from ..quiet import connect_quietly
 from .interfaces import IHookFactory, IMessageHook, MessageContext, Verdict
 from .spamheaders import (
     ReportEntry,
@@ -331,7 +331,7 @@ class SpamAssassinHook:
         protocol = SpamcProtocol(b"\r\n".join(head) + b"\r\n\r\n" + message, str(self.server))
         endpoint = self.server.endpoint(self._reactor, self._connect_timeout)
         try:
-            await connectProtocol(endpoint, protocol)
+            await connect_quietly(endpoint, protocol)
         except (CancelledError, ConnectingCancelledError) as error:
             raise CancelledError(f"connecting to spamd at {self.server} was cancelled") from error
         except Exception as error:

@@ -50,9 +50,12 @@ import re
 import string
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from ..config import HookOptions
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IStreamClientEndpoint
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -486,8 +489,8 @@ class ServerAddress:
         host = f"[{self.host}]" if self.host and ":" in self.host else self.host
         return f"{host}:{self.port}"
 
-    def endpoint(self, reactor: object, timeout: float) -> object:
-        """A Twisted client endpoint for this address (``IStreamClientEndpoint``)."""
+    def endpoint(self, reactor: object, timeout: float) -> IStreamClientEndpoint:
+        """A Twisted client endpoint for this address."""
         from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 
         if self.socket is not None:

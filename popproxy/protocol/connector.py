@@ -13,10 +13,10 @@ from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.error import TimeoutError as TwistedTimeoutError
 from twisted.internet.interfaces import IReactorTCP, IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from ..config import Address, UpstreamConfig
+from ..quiet import connect_quietly
 from ..tls import client_tls
 from .upstream import UpstreamProtocol, UpstreamRefused, UpstreamUnavailable, describe
 
@@ -35,12 +35,6 @@ class LoggedIn:
 LOGIN_DEADLINE = 60.0
 
 log = Logger()
-
-
-class _Quiet(Factory):
-    """``connectProtocol`` without its "Starting factory" log line on every login."""
-
-    noisy = False
 
 
 class UpstreamConnector:
@@ -141,7 +135,7 @@ class UpstreamConnector:
                 response_timeout=self.response_timeout,
                 max_body_line=self.max_body_line,
             )
-            attempt = self._endpoint_for(address, upstream).connect(_Quiet.forProtocol(_returning(protocol)))
+            attempt = connect_quietly(self._endpoint_for(address, upstream), protocol)
             attempt.addTimeout(upstream.connect_timeout, self._reactor)
             try:
                 await attempt
@@ -167,8 +161,3 @@ def ip_literal(host: str) -> int | None:
         return ipaddress.ip_address(host).version
     except ValueError:
         return None
-
-
-def _returning(protocol: UpstreamProtocol) -> Callable[[], UpstreamProtocol]:
-    """A protocol "class" that builds the one protocol instance already made for this attempt."""
-    return lambda: protocol
