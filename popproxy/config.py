@@ -47,6 +47,9 @@ USER_CASES: Final = ("lower", "preserve")
 DEFAULT_PROXY_FROM: Final = ("127.0.0.1/32", "::1/128")
 DEFAULT_LOGIN_TIMEOUT: Final = 60.0
 DEFAULT_IDLE_TIMEOUT: Final = 600.0  # RFC 1939 §3: an autologout timer "MUST be of at least 10 minutes"
+# Listener session-ticket keys are replaced this often (seconds): a stolen key opens at most this
+# long a stretch of recorded resumed sessions.
+DEFAULT_TICKET_KEY_LIFETIME: Final = 43200.0
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -114,6 +117,10 @@ class ListenerConfig:
     tls_min_version: str
     require_tls: bool
     proxy_from: tuple[IPNetwork, ...]
+    #: TLS session tickets for returning clients (RFC 8446 §2.2, RFC 5077), and how often their key
+    #: is replaced (seconds); False turns resumption off
+    session_tickets: bool = True
+    ticket_key_lifetime: float = DEFAULT_TICKET_KEY_LIFETIME
 
     @property
     def haproxy(self) -> bool:
@@ -469,14 +476,16 @@ def _listeners(root: _Table, base: Path) -> tuple[ListenerConfig, ...]:
     )
 
 
-_LISTENER_KEYS = ("endpoint", "tls", "certificate", "tls_min_version", "require_tls", "proxy_from")
+_LISTENER_KEYS = ("endpoint", "tls", "certificate", "tls_min_version", "require_tls", "proxy_from", "session_tickets",
+                  "ticket_key_lifetime")
 
 
 def _listener(t: _Table, base: Path) -> ListenerConfig:
     endpoint = _endpoint(t)
     tls = _choice(t, "tls", TLS_MODES)
     if tls == "none":
-        t.reject_if_present(("certificate", "tls_min_version"), 'has no effect with tls = "none"')
+        t.reject_if_present(("certificate", "tls_min_version", "session_tickets", "ticket_key_lifetime"),
+                            'has no effect with tls = "none"')
         certificates: tuple[Path, ...] = ()
     else:
         certificates = tuple(_file(t, key, name, base) for key, name in _strings(t, "certificate"))
@@ -489,7 +498,12 @@ def _listener(t: _Table, base: Path) -> ListenerConfig:
     if not haproxy:
         t.reject_if_present(("proxy_from",), 'only applies to "haproxy:" endpoints')
     proxy_from = _networks(t, "proxy_from", DEFAULT_PROXY_FROM) if haproxy else ()
-    return ListenerConfig(t.key, endpoint, tls, certificates, tls_min_version, require_tls, proxy_from)
+    session_tickets = t.take("session_tickets", bool, True)
+    if not session_tickets:
+        t.reject_if_present(("ticket_key_lifetime",), "has no effect with session_tickets = false")
+    lifetime = _seconds(t, "ticket_key_lifetime", DEFAULT_TICKET_KEY_LIFETIME)
+    return ListenerConfig(t.key, endpoint, tls, certificates, tls_min_version, require_tls, proxy_from,
+                          session_tickets, lifetime)
 
 
 def _endpoint(t: _Table) -> str:

@@ -29,6 +29,8 @@ log = Logger()
 #: Warn this long before a listener's certificate expires, at start and then once a day.
 EXPIRY_WARNING = datetime.timedelta(days=30)
 EXPIRY_CHECK_INTERVAL = 86400.0
+#: How often (seconds) listeners' session-ticket keys are looked at for replacement.
+TICKET_CHECK_INTERVAL = 60.0
 
 
 class ProxyService(MultiService):
@@ -60,6 +62,7 @@ class ProxyService(MultiService):
         for listener in config.listeners:
             server_tls = ServerTLS.from_listener(listener, config.path) if listener.tls != "none" else None
             if server_tls is not None:
+                server_tls.built_at = reactor.seconds()
                 self.server_tls[listener.key] = server_tls
             factory = ProxyFactory(SessionSettings(listener, config, server_tls, connector, reactor, self.hooks, self.guard,
                                                       self.cache))
@@ -69,6 +72,18 @@ class ProxyService(MultiService):
         expiry.clock = reactor
         expiry.setName("certificate expiry")
         expiry.setServiceParent(self)
+        tickets = TimerService(TICKET_CHECK_INTERVAL, self.rotate_ticket_keys)
+        tickets.clock = reactor
+        tickets.setName("session ticket keys")
+        tickets.setServiceParent(self)
+
+    def rotate_ticket_keys(self) -> None:
+        """Replace each TLS listener's session-ticket key once it is ``ticket_key_lifetime`` old."""
+        now = self.reactor.seconds()
+        for listener in self.config.listeners:
+            server_tls = self.server_tls.get(listener.key)
+            if server_tls is not None and server_tls.rotate_if_due(now, listener.ticket_key_lifetime):
+                log.info("session ticket key of {listener} replaced", listener=listener.key, event="ticket_key_rotated")
 
     def warn_expiring_certificates(self) -> None:
         """Log a warning for each listener certificate that expires within ``EXPIRY_WARNING``."""
@@ -143,6 +158,7 @@ class ProxyService(MultiService):
             listener = next((item for item in config.listeners if item.key == key), factory.settings.listener)
             current_tls = self.server_tls.get(key)
             if current_tls is not None and key in server_tls:
+                server_tls[key].built_at = self.reactor.seconds()
                 current_tls.reload(server_tls[key])  # new handshakes only
             factory.settings = dataclasses.replace(
                 factory.settings, listener=listener, config=config, hooks=hooks, guard=self.guard

@@ -128,8 +128,12 @@ class _CertificateSet:
     """
 
     def __init__(
-        self, loaded: Sequence[tuple[Path, PrivateKeyTypes, list[x509.Certificate]]], minimum: TLSVersion
+        self, loaded: Sequence[tuple[Path, PrivateKeyTypes, list[x509.Certificate]]], minimum: TLSVersion,
+        session_tickets: bool = True,
     ) -> None:
+        self.loaded = tuple(loaded)
+        self.minimum = minimum
+        self.session_tickets = session_tickets
         self._exact: dict[str, int] = {}
         self._wildcard: dict[str, int] = {}  # "example.org" for "*.example.org"
         served = []
@@ -147,6 +151,10 @@ class _CertificateSet:
                 raiseMinimumTo=minimum,
                 # Only the default context sees the ClientHello's name; it may switch to another.
                 contextForServerName=None if index else self.context_for,
+                # RFC 8446 §2.2 / RFC 5077: a returning client resumes with a ticket instead of a full
+                # handshake. OpenSSL makes a random ticket key for each context, so building the set
+                # anew (``ServerTLS.rotate_ticket_key``) replaces the key.
+                enableSessionTickets=session_tickets,
             )
             served.append(_Served(path, names, chain[0].not_valid_after_utc, options))
         self.served = tuple(served)
@@ -181,8 +189,9 @@ class ServerTLS:
     ``reload`` swaps in new certificates for new handshakes only; live sessions keep theirs.
     """
 
-    def __init__(self, certificates: _CertificateSet) -> None:
+    def __init__(self, certificates: _CertificateSet, built_at: float = 0.0) -> None:
         self._certificates = certificates
+        self.built_at = built_at  # when the current ticket key was made (the clock's seconds)
 
     @classmethod
     def from_listener(
@@ -206,7 +215,7 @@ class ServerTLS:
             (path, *load_certificate_file(path, key, config_path, now=now))
             for key, path in zip(keys, listener.certificates, strict=True)
         ]
-        certificates = _CertificateSet(loaded, _MINIMUM_VERSIONS[listener.tls_min_version])
+        certificates = _CertificateSet(loaded, _MINIMUM_VERSIONS[listener.tls_min_version], listener.session_tickets)
         for key, entry in zip(keys, certificates.served, strict=True):
             try:
                 entry.options.getContext()
@@ -217,6 +226,24 @@ class ServerTLS:
     def reload(self, new: ServerTLS) -> None:
         """Serve ``new``'s certificates from the next handshake on (SIGHUP)."""
         self._certificates = new._certificates
+        self.built_at = new.built_at
+
+    def rotate_ticket_key(self, now: float) -> None:
+        """Replace the session-ticket key (new contexts from the key material already loaded, no
+        file is read again): tickets issued before stop resuming and get a full handshake."""
+        old = self._certificates
+        fresh = _CertificateSet(old.loaded, old.minimum, old.session_tickets)
+        for entry in fresh.served:
+            entry.options.getContext()
+        self._certificates = fresh
+        self.built_at = now
+
+    def rotate_if_due(self, now: float, lifetime: float) -> bool:
+        """Rotate the ticket key if it is ``lifetime`` seconds old (and tickets are on)."""
+        if not self._certificates.session_tickets or now - self.built_at < lifetime:
+            return False
+        self.rotate_ticket_key(now)
+        return True
 
     def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         """Start a handshake with the default certificate; the SNI callback may switch it."""

@@ -448,6 +448,30 @@ CASES = [
         "must be a boolean",
     ),
     (
+        "tickets-on-plain",
+        config_text(listen={"tls": '"none"', "certificate": None, "session_tickets": "false"}),
+        "listen[0].session_tickets",
+        'has no effect with tls = "none"',
+    ),
+    (
+        "ticket-lifetime-without-tickets",
+        config_text(listen={"session_tickets": "false", "ticket_key_lifetime": "60"}),
+        "listen[0].ticket_key_lifetime",
+        "has no effect with session_tickets = false",
+    ),
+    (
+        "ticket-lifetime-zero",
+        config_text(listen={"ticket_key_lifetime": "0"}),
+        "listen[0].ticket_key_lifetime",
+        "greater than 0",
+    ),
+    (
+        "tickets-not-bool",
+        config_text(listen={"session_tickets": '"on"'}),
+        "listen[0].session_tickets",
+        "must be a boolean",
+    ),
+    (
         "require-tls-int",
         config_text(listen={"require_tls": "1"}),
         "listen[0].require_tls",

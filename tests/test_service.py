@@ -43,3 +43,31 @@ def test_expiring_certificate_warns_at_start_and_daily(tmp_path: Path) -> None:
         globalLogPublisher.removeObserver(events.append)
     # Both listeners were bound on the (memory) reactor.
     assert sorted(port for port, *_ in clock.tcpServers) == [110, 995]
+
+
+def test_session_ticket_keys_are_replaced_when_their_lifetime_is_over(tmp_path: Path) -> None:
+    certificate = write_private(tmp_path / "tls.pem", shared_ca().issue(["localhost"]).combined_pem)
+    config = proxy_config(
+        tmp_path,
+        listeners=[
+            {"endpoint": "tcp:995", "tls": "implicit", "certificate": str(certificate), "ticket_key_lifetime": 3600},
+            {"endpoint": "tcp:110", "tls": "starttls", "certificate": str(certificate), "session_tickets": False},
+        ],
+    )
+    clock = MemoryReactorClock()
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        service = ProxyService(config, clock)
+        service.startService()
+        tickets, no_tickets = service.server_tls["listen[0]"], service.server_tls["listen[1]"]
+        clock.advance(3540)
+        assert tickets.built_at == 0.0
+        for _ in range(2):
+            clock.advance(60)  # the check runs every minute
+        assert tickets.built_at == 3600.0
+        assert no_tickets.built_at == 0.0  # tickets off: nothing to rotate
+        assert [e["listener"] for e in events if e.get("event") == "ticket_key_rotated"] == ["listen[0]"]
+        service.stopService()
+    finally:
+        globalLogPublisher.removeObserver(events.append)

@@ -45,7 +45,7 @@ def test_make_service_builds_one_listener_per_table(tmp_path: Path) -> None:
     options.parseOptions(["--config", str(config.path)])
     service = tap.makeService(options)
     assert isinstance(service, ProxyService) and isinstance(service, MultiService)
-    assert [child.name for child in service] == ["listen[0]", "listen[1]", "listen[2]", "certificate expiry"]
+    assert [child.name for child in service] == ["listen[0]", "listen[1]", "listen[2]", "certificate expiry", "session ticket keys"]
 
 
 def test_bad_config_exits_with_file_key_and_reason(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

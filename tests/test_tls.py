@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 from dataclasses import dataclass
@@ -505,3 +506,64 @@ def test_tls_facts_before_the_handshake_is_empty(ca: CertificateAuthority) -> No
     protocol = factory.buildProtocol(None)
     protocol.makeConnection(StringTransport())  # ClientHello written, no answer yet
     assert tls_facts(protocol) == {}
+
+
+def _resumed(tls: ServerTLS, context: Any, session: Any = None) -> tuple[bool, Any]:
+    """One TLS 1.3 connection from a stdlib client (whose ``session_reused`` is public) to ``tls``,
+    in memory: was the offered ``session`` resumed, and the session to offer next time."""
+    import ssl
+
+    from OpenSSL import SSL
+
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = context.wrap_bio(incoming, outgoing, server_hostname="localhost", session=session)
+    server = tls.serverConnectionForTLS(TLSMemoryBIOFactory(tls, False, Factory.forProtocol(Peer)).buildProtocol(None))
+    server.set_accept_state()
+
+    def pump() -> None:
+        for _ in range(50):  # until nothing moves; a handshake takes a few rounds
+            moved = False
+            try:
+                client.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+            if outgoing.pending:
+                server.bio_write(outgoing.read())
+                moved = True
+            try:
+                server.do_handshake()
+            except SSL.WantReadError:
+                pass
+            try:
+                incoming.write(server.bio_read(65536))
+                moved = True
+            except SSL.WantReadError:
+                pass
+            if not moved:
+                return
+
+    pump()
+    server.send(b"+OK\r\n")  # application data: the client also takes the server's tickets in
+    pump()
+    assert client.read(5) == b"+OK\r\n"
+    return client.session_reused, client.session
+
+
+def test_listener_session_tickets_resume_until_the_key_is_rotated(tmp_path: Path, ca: CertificateAuthority) -> None:
+    """RFC 8446 §2.2: a returning client resumes with its ticket; after the ticket key is replaced
+    (``ticket_key_lifetime``) it gets a full handshake again, and so it does where tickets are off."""
+    path = write_combined(tmp_path, "cert.pem", ca.issue())
+    tls = ServerTLS.from_listener(listener([path]), tmp_path / "popproxy.toml")
+    import ssl
+
+    ca_trust = ssl.create_default_context(cadata=ca.cert_pem.decode())  # sessions belong to one context
+    first, session = _resumed(tls, ca_trust)
+    second, session = _resumed(tls, ca_trust, session)
+    assert (first, second) == (False, True)
+    assert not tls.rotate_if_due(now=100.0, lifetime=3600.0)  # built at 0: not due yet
+    assert tls.rotate_if_due(now=3600.0, lifetime=3600.0)
+    third, _ = _resumed(tls, ca_trust, session)
+    assert third is False
+    off = ServerTLS.from_listener(dataclasses.replace(listener([path]), session_tickets=False), tmp_path / "popproxy.toml")
+    _, session = _resumed(off, ca_trust)
+    assert _resumed(off, ca_trust, session)[0] is False
