@@ -106,7 +106,9 @@ class PopProxy(Target):
         super().__init__(f"popproxy_{mode}", label, client_tls,
                          f"twistd -n popproxy; listener tls={listen_tls}, upstream tls={upstream_tls}")
         if mode == "tls_plain":
-            self.workloads = "ABCDF"  # F's reference: the same fetch without a hook
+            self.workloads = "ABCDEF"  # F's reference: the same fetch without a hook; E: idle sessions
+        # Workload E holds thousands of sessions from 127.0.0.1: when set, ``[limits]`` lets that many in.
+        self.max_sessions = 0
         self.workdir = workdir / f"popproxy-{mode}"
         self.files = files
         self.listen_tls = listen_tls
@@ -117,6 +119,15 @@ class PopProxy(Target):
     def hooks(self) -> str:
         """``[[hook]]`` tables for the configuration: none, popproxy as a plain relay."""
         return ""
+
+    def limits(self) -> str:
+        """``[limits]`` for workload E (``max_sessions`` set): room for that many sessions in all, from
+        one address and per user, and login and idle timeouts no session reaches; else the defaults."""
+        n = self.max_sessions
+        if not n:
+            return ""
+        return (f"\n[limits]\nmax_sessions = {n}\nmax_sessions_per_ip = {n}\nmax_sessions_per_user = {n}\n"
+                "login_timeout = 300\nidle_timeout = 900\n")
 
     def start(self) -> None:
         import popproxy
@@ -134,7 +145,7 @@ class PopProxy(Target):
                         f'ca = "{self.files.ca}"\nserver_name = "localhost"\n')
         config = self.workdir / "popproxy.toml"
         config.write_text(f"[[listen]]\n{listener}\n[upstream.dovecot]\n{upstream}connect_timeout = 5\n\n"
-                          '[routing]\ndefault = "dovecot"\n' + self.hooks())
+                          '[routing]\ndefault = "dovecot"\n' + self.limits() + self.hooks())
         log = self.workdir / "twistd.log"
         process = self._spawn([TWISTD, "-n", "--pidfile", str(self.workdir / "twistd.pid"), "--logfile", str(log),
                                "popproxy", "-c", str(config)], self.workdir / "stdout.txt", self.workdir)
@@ -144,7 +155,8 @@ class PopProxy(Target):
 
 class Stunnel(Target):
     def __init__(self, workdir: Path, files: Files, dovecot_plain: int) -> None:
-        super().__init__("stunnel", "stunnel TLS->plain", True, "stunnel4, [pop3s] accept TLS, connect plain")
+        super().__init__("stunnel", "stunnel TLS->plain", True, "stunnel4, [pop3s] accept TLS, connect plain",
+                         workloads="ABCDE")
         self.workdir = workdir / "stunnel"
         self.files = files
         self.dovecot_plain = dovecot_plain
@@ -286,7 +298,8 @@ class Perdition(Target):
 class Haproxy(Target):
     def __init__(self, workdir: Path, files: Files, dovecot_plain: int) -> None:
         super().__init__("haproxy", "HAProxy TLS->plain", True,
-                         "haproxy, mode tcp, bind ... ssl crt (key + chain in one PEM), server Dovecot plain")
+                         "haproxy, mode tcp, bind ... ssl crt (key + chain in one PEM), server Dovecot plain",
+                         workloads="ABCDE")
         self.workdir = workdir / "haproxy"
         self.files = files
         self.dovecot_plain = dovecot_plain

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -121,3 +122,35 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def tree_memory_kib(roots: list[int]) -> tuple[int, int]:
+    """RSS and PSS in KiB of ``roots`` and their descendants, summed, from ``/proc/PID/smaps_rollup``
+    (PSS divides each shared page among the processes that map it; RSS counts it in each)."""
+    rss = pss = 0
+    seen: set[int] = set()
+    for root in roots:
+        for pid in [root, *descendants(root)]:
+            if pid in seen:
+                continue
+            seen.add(pid)
+            try:
+                text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                name, _, value = line.partition(":")
+                if name == "Rss":
+                    rss += int(value.split()[0])
+                elif name == "Pss":
+                    pss += int(value.split()[0])
+    return rss, pss
+
+
+def raise_nofile() -> int:
+    """Raise this process's soft ``ulimit -n`` to the hard limit (children inherit it); returns it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]

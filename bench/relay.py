@@ -36,13 +36,14 @@ sys.path.insert(0, str(ROOT / "tests"))  # tests/support: the Dovecot fixture
 from popproxy.pki import CertificateAuthority, write_private
 
 from peers import Direct, Files, Floor, Haproxy, HookedPopProxy, Nginx, Perdition, PopProxy, Stunnel, Target
-from procs import cmdline, descendants, tree_cpu_seconds
+from procs import cmdline, descendants, raise_nofile, tree_cpu_seconds, tree_memory_kib
 from support.dovecot import DovecotServer
 from workloads import (
     Account,
     Client,
     Outcome,
     concurrent_fetch,
+    idle_sessions,
     large_fetch,
     login_sessions,
     sequential_fetch,
@@ -56,8 +57,10 @@ WORKLOADS = {
     "B": ("MB/s", "RETR of one large message"),
     "C": ("msg/s", "concurrent sessions, each RETR-ing its own messages"),
     "D": ("sessions/s", "connect [+TLS], USER, PASS, STAT, QUIT"),
+    "E": ("KiB/session", "idle sessions: N logged-in sessions held at once, the proxy's memory per session"),
     "F": ("msg/s", "workload A through popproxy TLS->plain with a hook (audit-log, rewrite, spamassassin)"),
 }
+DEFAULT_WORKLOADS = "ABCDEF"  # E adds about 10 s to --quick, 2 to 3 minutes to a full run
 HOOK_PATHS = ["popproxy_audit", "popproxy_rewrite", "popproxy_spamassassin"]
 
 
@@ -159,6 +162,10 @@ class Bench:
         # F: A's messages through each hook; spamd takes tens of ms per message, so its path gets fewer.
         self.count_f = self.count_a
         self.count_f_spam = 30 if quick else 100
+        # E: idle logged-in sessions held at once, opened this many at a time, spread over the idle accounts.
+        self.sessions_e = [200] if quick else [1000, 5000]
+        self.batch_e = 100
+        self.accounts_e = 10
         self.cap = args.cap if args.cap is not None else (5.0 if quick else 15.0)
         self.large_mb = args.large_mb
         self.results: dict[str, dict[str, dict[str, object]]] = {w: {} for w in args.workloads}
@@ -176,6 +183,7 @@ class Bench:
         self.conc = [self._account(dovecot, f"c{i:02d}", small[(i * 50) % 900:(i * 50) % 900 + 100])
                      for i in range(self.clients_c)]
         self.login = self._account(dovecot, "login", small[:10])
+        self.idle = [self._account(dovecot, f"idle{i}", small[:1]) for i in range(self.accounts_e)]
 
     @staticmethod
     def _account(dovecot: DovecotServer, name: str, messages: list[bytes]) -> Account:
@@ -317,6 +325,51 @@ class Bench:
             status += f"  (capped: {outcome.done}/{outcome.planned} in {outcome.seconds:.1f} s)"
         print(f"  {workload}  {target.label:<30} {status}", flush=True)
 
+    def run_idle(self, targets: list[Target], context: ssl.SSLContext, dovecot: DovecotServer) -> None:
+        """Workload E: for each N, on each path in turn, N logged-in sessions held at once; the proxy's
+        RSS and PSS (its whole process tree, /proc/PID/smaps_rollup) with them minus just before, per
+        session; then NOOP on every one, each must answer +OK. One run per N and path (no rounds)."""
+        targets = [t for t in targets if "E" in t.workloads]
+        assert dovecot.master_pid is not None
+        master = dovecot.master_pid
+        for n in self.sessions_e:
+            for target in targets:
+                cell = self.results["E"].setdefault(target.key, {"unit": WORKLOADS["E"][0], "sessions": {},
+                                                                 "wrong": 0, "error": None})
+                baseline = len(descendants(master))
+                before = tree_memory_kib(target.cpu_pids)
+
+                def held(target: Target = target) -> dict[str, object]:
+                    rss, pss = tree_memory_kib(target.cpu_pids)
+                    return {"rss_kib": rss, "pss_kib": pss, "dovecot_processes": len(descendants(master))}
+
+                try:
+                    run = idle_sessions(target.port, context if target.client_tls else None, self.idle, n,
+                                        self.batch_e, held)
+                except Exception as error:  # noqa: BLE001 (a failing path is reported, the run goes on)
+                    traceback.print_exc(file=sys.stderr)
+                    run = {"opened": 0, "noop_ok": 0, "failed": n, "error": f"{type(error).__name__}: {error}"[:300],
+                           "held": None, "open_s": None}
+                memory = run["held"]
+                entry: dict[str, object] = {**run, "sessions": n, "rss_kib_before": before[0],
+                                            "pss_kib_before": before[1]}
+                if isinstance(memory, dict) and run["opened"]:
+                    entry["rss_kib_per_session"] = round((memory["rss_kib"] - before[0]) / run["opened"], 1)
+                    entry["pss_kib_per_session"] = round((memory["pss_kib"] - before[1]) / run["opened"], 1)
+                entry["all_answered_noop"] = run["failed"] == 0 and not run["error"]
+                cell["sessions"][str(n)] = entry  # type: ignore[index]
+                cell["wrong"] = int(cell["wrong"]) + int(run["failed"])  # type: ignore[call-overload]
+                cell["error"] = cell["error"] or run["error"]
+                cell["extra"] = {"tls_version": run.get("tls_version", "")}
+                status = (f"{run['opened']}/{n} open in {run['open_s']} s, RSS {entry.get('rss_kib_per_session', '-')}"
+                          f" KiB/session, PSS {entry.get('pss_kib_per_session', '-')} KiB/session, NOOP +OK "
+                          f"{run['noop_ok']}/{n}" + (f"  FAILED: {run['error']}" if run["error"] else ""))
+                print(f"  E  {target.label:<30} {status}", flush=True)
+                # The sessions' Dovecot processes end before the next path opens its own.
+                deadline = time.monotonic() + 60
+                while len(descendants(master)) > baseline + 2 and time.monotonic() < deadline:
+                    time.sleep(0.2)
+
     def ratio(self, value: float | None, workload: str, key: str) -> float | None:
         """``value`` / the ``key`` row's value in ``workload`` (this run); None if either is missing."""
         cell = self.results.get(workload, {}).get(key)
@@ -368,7 +421,7 @@ def cell_text(cell: dict[str, object] | None) -> str:
 
 
 def render(bench: Bench, targets: list[Target], meta: dict[str, object]) -> str:
-    w = [x for x in bench.args.workloads if x != "F"]  # the main table; F has its own below
+    w = [x for x in bench.args.workloads if x not in "EF"]  # the main table; E and F have their own below
     paths = [t for t in targets if t.workloads != "F"]
     out = []
     out.append(f"popproxy relay benchmark, {meta['date']}, {'--quick' if bench.args.quick else 'full run'}, "
@@ -380,45 +433,48 @@ def render(bench: Bench, targets: list[Target], meta: dict[str, object]) -> str:
         "B": f"B: RETR of one {bench.large_size / 1e6:.1f} MB message",
         "C": f"C: {bench.clients_c} sessions at once, {bench.per_client_c} x RETR each (~3 KB)",
         "D": f"D: {bench.sessions_d} x (connect [+TLS], USER, PASS, STAT, QUIT) from {bench.threads_d} threads",
+        "E": f"E: {' and '.join(map(str, bench.sessions_e))} logged-in sessions held at once (opened "
+             f"{bench.batch_e} at a time), then NOOP on each; table below",
         "F": f"F: A through popproxy TLS->plain, without a hook and with one hook each: {bench.count_f} x RETR "
              f"({bench.count_f_spam} with spamassassin); table below",
     }
     out.extend(desc[x] for x in bench.args.workloads)
-    out.append(f"Every cell: absolute (ratio to direct plain), best of up to {bench.rounds} rounds; higher is better.")
-    out.append(f"* = stopped at the {bench.cap:.0f} s cap: the rate of the part done.")
-    out.append("")
-    head = f"{'path':<30}" + "".join(f"{x + ' ' + WORKLOADS[x][0]:>17}" for x in w)
-    out.append(head)
-    out.append("-" * len(head))
-    for t in paths:
-        if t.skip:
-            out.append(f"{t.label:<30}  not run: {t.skip}")
-            continue
-        out.append(f"{t.label:<30}" + "".join(f"{cell_text(bench.results[x].get(t.key)):>17}" for x in w))
-    out.append("")
-    out.extend(render_floor(bench, w))
-    per_unit = {"A": (1e6, "us/msg"), "B": (1e3, "ms/MB"), "C": (1e6, "us/msg"), "D": (1e3, "ms/sess")}
-    out.append("Proxy CPU time (whole process tree, from /proc): seconds per round, and per unit of work")
-    head = f"{'path':<30}" + "".join(f"{x + ' CPU s':>10}{per_unit[x][1]:>10}" for x in w)
-    out.append(head)
-    out.append("-" * len(head))
-    for t in paths:
-        if t.skip or not t.cpu_pids:
-            continue
-        row = f"{t.label:<30}"
-        for x in w:
-            cell = bench.results[x].get(t.key)
-            if not cell or cell.get("error") or cell.get("proxy_cpu_s") is None:
-                row += f"{'-':>10}{'-':>10}"
+    if w:  # A to D: the main table and its CPU times (absent when only E and/or F run)
+        out.append(f"Every cell: absolute (ratio to direct plain), best of up to {bench.rounds} rounds; higher is better.")
+        out.append(f"* = stopped at the {bench.cap:.0f} s cap: the rate of the part done.")
+        out.append("")
+        head = f"{'path':<30}" + "".join(f"{x + ' ' + WORKLOADS[x][0]:>17}" for x in w)
+        out.append(head)
+        out.append("-" * len(head))
+        for t in paths:
+            if t.skip:
+                out.append(f"{t.label:<30}  not run: {t.skip}")
                 continue
-            cpu, per = cell["proxy_cpu_s"], cell["proxy_cpu_per_unit_s"]
-            row += f"{cpu:>10.2f}{fmt(per * per_unit[x][0]) if per is not None else '-':>10}"
-        out.append(row)
-    for t in paths:
-        if t.aux_pids:
-            aux = ", ".join(f"{x} {bench.results[x][t.key]['aux_cpu_s']}" for x in w
-                            if t.key in bench.results[x] and bench.results[x][t.key].get("aux_cpu_s") is not None)
-            out.append(f"  ({t.label}: not included above, its {t.aux_name} used CPU s: {aux})")
+            out.append(f"{t.label:<30}" + "".join(f"{cell_text(bench.results[x].get(t.key)):>17}" for x in w))
+        out.append("")
+        out.extend(render_floor(bench, w))
+        per_unit = {"A": (1e6, "us/msg"), "B": (1e3, "ms/MB"), "C": (1e6, "us/msg"), "D": (1e3, "ms/sess")}
+        out.append("Proxy CPU time (whole process tree, from /proc): seconds per round, and per unit of work")
+        head = f"{'path':<30}" + "".join(f"{x + ' CPU s':>10}{per_unit[x][1]:>10}" for x in w)
+        out.append(head)
+        out.append("-" * len(head))
+        for t in paths:
+            if t.skip or not t.cpu_pids:
+                continue
+            row = f"{t.label:<30}"
+            for x in w:
+                cell = bench.results[x].get(t.key)
+                if not cell or cell.get("error") or cell.get("proxy_cpu_s") is None:
+                    row += f"{'-':>10}{'-':>10}"
+                    continue
+                cpu, per = cell["proxy_cpu_s"], cell["proxy_cpu_per_unit_s"]
+                row += f"{cpu:>10.2f}{fmt(per * per_unit[x][0]) if per is not None else '-':>10}"
+            out.append(row)
+        for t in paths:
+            if t.aux_pids:
+                aux = ", ".join(f"{x} {bench.results[x][t.key]['aux_cpu_s']}" for x in w
+                                if t.key in bench.results[x] and bench.results[x][t.key].get("aux_cpu_s") is not None)
+                out.append(f"  ({t.label}: not included above, its {t.aux_name} used CPU s: {aux})")
     if "A" in w:
         out.append("")
         out.append("A: time per RETR, ms (p50 / p99 / max)")
@@ -427,6 +483,9 @@ def render(bench: Bench, targets: list[Target], meta: dict[str, object]) -> str:
             if cell and not cell.get("error"):
                 lat = cell["extra"]["latency_ms"]
                 out.append(f"  {t.label:<30}{lat['p50']:>8.2f} /{lat['p99']:>8.2f} /{lat['max']:>8.2f}")
+    if "E" in bench.args.workloads:
+        out.append("")
+        out.extend(render_idle(bench, [t for t in targets if "E" in t.workloads]))
     if "F" in bench.args.workloads:
         out.append("")
         out.extend(render_hooks(bench, [t for t in targets if "F" in t.workloads]))
@@ -458,6 +517,32 @@ def render_floor(bench: Bench, w: list[str]) -> list[str]:
             row += f"{fmt_ratio(ratio):>8}"
         out.append(row)
     out.append("")
+    return out
+
+
+def render_idle(bench: Bench, paths: list[Target]) -> list[str]:
+    """Workload E: memory per idle logged-in session, and whether every session still answered."""
+    out = ["E: idle logged-in sessions held at once; the proxy's memory (whole process tree, /proc/PID/smaps_rollup)",
+           "   with them minus just before, per session. NOOP: every session answered +OK."]
+    head = (f"{'path':<30}{'sessions':>9}{'RSS KiB/sess':>14}{'PSS KiB/sess':>14}{'all NOOP +OK':>14}"
+            f"{'open s':>9}")
+    out.append(head)
+    out.append("-" * len(head))
+    for t in paths:
+        if t.skip:
+            out.append(f"{t.label:<30}  not run: {t.skip}")
+            continue
+        cell = bench.results["E"].get(t.key)
+        if cell is None:
+            continue
+        for n, entry in cell["sessions"].items():  # type: ignore[union-attr]
+            rss, pss = entry.get("rss_kib_per_session"), entry.get("pss_kib_per_session")
+            ok = "yes" if entry["all_answered_noop"] else f"NO ({entry['noop_ok']}/{n})"
+            opened = f"{entry['open_s']:.1f}" if entry.get("open_s") is not None else "-"
+            out.append(f"{t.label:<30}{n:>9}{fmt(rss) if rss is not None else '-':>14}"
+                       f"{fmt(pss) if pss is not None else '-':>14}{ok:>14}{opened:>9}")
+            if entry.get("error"):
+                out.append(f"  first failure ({entry['errors']} in all): {entry['error']}")
     return out
 
 
@@ -531,8 +616,10 @@ def versions() -> dict[str, str]:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller workloads and a 5 s cap (about a minute)")
-    parser.add_argument("--workloads", default="ABCDF", help="which workloads, e.g. AB (default ABCDF)")
+    parser.add_argument("--quick", action="store_true", help="smaller workloads (E: 200 sessions) and a 5 s cap "
+                        "(about a minute)")
+    parser.add_argument("--workloads", default=DEFAULT_WORKLOADS, help="which workloads, e.g. AB (default "
+                        f"{DEFAULT_WORKLOADS}); E holds 1000, then 5000 idle sessions at once (200 with --quick)")
     parser.add_argument("--paths", default="", help="comma-separated path keys to run (default: all); "
                         "direct is always run. Keys: direct_tls, popproxy_plain, popproxy_tls_plain, "
                         "popproxy_tls_tls, floor, stunnel, haproxy, nginx, perdition_tls, perdition_plain, "
@@ -553,6 +640,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
+    raise_nofile()  # workload E holds thousands of sockets here and in the proxies (children inherit it)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.monotonic()
     load_before = os.getloadavg()[0]
@@ -575,7 +663,11 @@ def main() -> int:
         files.ca.write_bytes(ca.cert_pem)
         context = ssl.create_default_context(cafile=str(files.ca))
 
-        dovecot = DovecotServer(work / "dovecot", ca=ca, max_sessions=100, instance_name=f"popproxy-bench-{os.getpid()}")
+        # E: one pop3 process per logged-in session; max_sessions sets Dovecot's process and client limits and
+        # mail_max_userip_connections (each idle account takes a share, all from 127.0.0.1).
+        sessions = max(100, max(bench.sessions_e) + 100) if "E" in args.workloads else 100
+        dovecot = DovecotServer(work / "dovecot", ca=ca, max_sessions=sessions,
+                                instance_name=f"popproxy-bench-{os.getpid()}")
         bench.build_mail(dovecot)
         dovecot.start()
         print(f"bench: Dovecot on 127.0.0.1:{dovecot.plain_port} (plain) and :{dovecot.tls_port} (TLS), "
@@ -596,6 +688,10 @@ def main() -> int:
             *(HookedPopProxy(key.removeprefix("popproxy_"), work, files, dovecot.plain_port, dovecot.tls_port)
               for key in HOOK_PATHS),
         ]
+        if "E" in args.workloads:
+            for target in targets:
+                if isinstance(target, PopProxy):
+                    target.max_sessions = max(bench.sessions_e) + 100
         if args.paths:
             wanted = {"direct", *args.paths.split(",")}
             targets = [t for t in targets if t.key in wanted]
@@ -614,7 +710,10 @@ def main() -> int:
 
         for workload in args.workloads:
             print(f"bench: workload {workload}: {WORKLOADS[workload][1]}", flush=True)
-            bench.run_workload(workload, live, context, dovecot)
+            if workload == "E":
+                bench.run_idle(live, context, dovecot)
+            else:
+                bench.run_workload(workload, live, context, dovecot)
     finally:
         # Stop and remove everything first, report afterwards: printing can fail (a closed pipe).
         for target in targets:
@@ -656,6 +755,7 @@ def main() -> int:
             "C_clients": bench.clients_c, "C_messages_each": bench.per_client_c,
             "D_sessions": bench.sessions_d, "D_threads": bench.threads_d, "cap_s": bench.cap,
             "F_messages": bench.count_f, "F_messages_spamassassin": bench.count_f_spam,
+            "E_sessions": bench.sessions_e, "E_batch": bench.batch_e, "E_accounts": bench.accounts_e,
         },
         "paths": [{"key": t.key, "label": t.label, "client_tls": t.client_tls, "describe": t.describe,
                    "version": t.version, "skip": t.skip, "workloads": t.workloads} for t in targets],

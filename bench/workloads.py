@@ -11,6 +11,7 @@ byte for byte, and each RETR exactly as long as LIST and ``+OK n octets`` announ
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import socket
 import ssl
@@ -380,3 +381,78 @@ def login_sessions(port: int, context: ssl.SSLContext | None, account: Account, 
     out.value = out.done / out.seconds
     out.extra["tls_version"] = ",".join(sorted(v for v in versions if v))
     return out
+
+
+def idle_sessions(port: int, context: ssl.SSLContext | None, accounts: list[Account], count: int, batch: int,
+                  held: Callable[[], dict[str, object]], timeout: float = 60.0) -> dict[str, object]:
+    """Workload E: ``count`` logged-in sessions held at once, opened ``batch`` at a time (connect [+ TLS],
+    greeting, USER, PASS), the accounts taken in turn. Once all are open (or opening failed), ``held()``
+    is called (the caller reads the proxy's memory then), then every session is sent ``NOOP`` at once
+    and each answer must be ``+OK``; then all send QUIT and close. One event loop, non-blocking
+    sockets (asyncio + ssl), no thread per session. Returns a dict: ``opened``, ``open_s``, ``noop_ok``,
+    ``failed`` (sessions that did not open or did not answer NOOP with +OK), ``held`` (what ``held()``
+    returned), ``error`` (the first failure, or None)."""
+    return asyncio.run(_idle_sessions(port, context, accounts, count, batch, held, timeout))
+
+
+async def _idle_sessions(port: int, context: ssl.SSLContext | None, accounts: list[Account], count: int, batch: int,
+                         held: Callable[[], dict[str, object]], timeout: float) -> dict[str, object]:
+    sessions: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    errors: list[str] = []
+    versions: set[str] = set()
+
+    async def expect_ok(reader: asyncio.StreamReader, what: str) -> None:
+        line = await asyncio.wait_for(reader.readline(), timeout)
+        if not line.startswith(b"+OK"):
+            raise POP3Error(f"{what} -> {line[:200]!r}")
+
+    async def open_one(i: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        account = accounts[i % len(accounts)]
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(
+            "127.0.0.1", port, ssl=context, server_hostname="localhost" if context else None), timeout)
+        tls = writer.get_extra_info("ssl_object")
+        versions.add(tls.version() if tls is not None else "")
+        try:
+            await expect_ok(reader, "greeting")
+            for line in (b"USER " + account.user.encode(), b"PASS " + account.password.encode()):
+                writer.write(line + CRLF)
+                await expect_ok(reader, line.split()[0].decode())
+        except BaseException:
+            writer.transport.abort()
+            raise
+        return reader, writer
+
+    started = time.perf_counter()
+    for first in range(0, count, batch):
+        results = await asyncio.gather(*(open_one(i) for i in range(first, min(count, first + batch))),
+                                       return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                errors.append(f"open: {type(result).__name__}: {result}")
+            else:
+                sessions.append(result)
+        if errors:
+            break  # a proxy that refuses more sessions: report how many it held
+    open_s = time.perf_counter() - started
+    await asyncio.sleep(1.0)  # the last logins settle (upstream answers, log lines)
+    memory = held()
+
+    async def noop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"NOOP" + CRLF)
+        await expect_ok(reader, "NOOP")
+
+    answers = await asyncio.gather(*(noop(r, w) for r, w in sessions), return_exceptions=True)
+    noop_ok = sum(1 for a in answers if not isinstance(a, BaseException))
+    errors += [f"NOOP: {type(a).__name__}: {a}" for a in answers if isinstance(a, BaseException)]
+
+    async def close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(b"QUIT" + CRLF)
+            await asyncio.wait_for(reader.readline(), 10)
+        finally:
+            writer.transport.abort()  # no TLS close_notify exchange: 5,000 of them would only add time
+
+    await asyncio.gather(*(close(r, w) for r, w in sessions), return_exceptions=True)
+    return {"opened": len(sessions), "open_s": round(open_s, 3), "noop_ok": noop_ok,
+            "failed": count - noop_ok, "held": memory, "error": errors[0][:300] if errors else None,
+            "errors": len(errors), "tls_version": ",".join(sorted(v for v in versions if v))}
