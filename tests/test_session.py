@@ -468,3 +468,14 @@ def test_ip_literal_upstreams_are_dialled_without_the_resolver(tmp_path: Path) -
     assert isinstance(connector._default_endpoint(Address("::1", 110), upstream), TCP6ClientEndpoint)
     assert isinstance(connector._default_endpoint(Address("localhost", 110), upstream), HostnameEndpoint)
     assert [ip_literal(h) for h in ("192.0.2.1", "2001:db8::1", "mail.example.org", "1.2.3")] == [4, 6, None, None]
+
+
+def test_peer_fields_of_every_address_kind() -> None:
+    from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+
+    from popproxy.protocol.client import peer_fields
+
+    assert peer_fields(IPv4Address("TCP", "192.0.2.1", 1110)) == ("192.0.2.1", 1110)
+    assert peer_fields(IPv6Address("TCP", "2001:db8::1", 995)) == ("2001:db8::1", 995)
+    assert peer_fields(UNIXAddress(b"/run/popproxy.sock")) == ("/run/popproxy.sock", 0)
+    assert peer_fields(UNIXAddress(None)) == ("", 0)

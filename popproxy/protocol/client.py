@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
@@ -111,7 +111,8 @@ def peer_fields(address: IAddress | None) -> tuple[str, int]:
     if isinstance(address, (IPv4Address, IPv6Address)):
         return address.host, address.port
     if isinstance(address, UNIXAddress):
-        return str(address.name or ""), 0
+        name = address.name or b""
+        return (name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)), 0
     return str(address), 0
 
 
@@ -481,5 +482,3 @@ class ClientProtocol(Protocol):
 def _prefixed(prefix: str, facts: dict[str, str]) -> dict[str, str]:
     return {prefix + key: value for key, value in facts.items()}
 
-
-__all__ += ["replace"]  # re-exported for tests that derive settings
