@@ -50,7 +50,9 @@ class ProxyProcess:
         """The JSON events logged so far (``json=True`` only)."""
         import json as json_module
 
-        return [json_module.loads(line) for line in self.log().splitlines() if line.startswith("{")]
+        # Only complete lines: the proxy may be in the middle of writing the last one.
+        lines = self.log().splitlines(keepends=True)
+        return [json_module.loads(line) for line in lines if line.startswith("{") and line.endswith("\n")]
 
     def _wait_ready(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
