@@ -538,11 +538,9 @@ class SessionMachine:
         return True
 
     def _check_unsolicited(self) -> None:
-        if (self._upstream_attached and not self._inflight and self._reader.pending and not self._reader.paused):
-            # Nothing was asked: an upstream that talks out of turn would shift every later answer
-            # onto the wrong command, so it is not believed any further.
-            self._log("warn", "upstream sent an unsolicited line; closing")
-            self._drop_upstream("unsolicited line")
+        """Bytes left over once every answer asked for was delivered (a partial line included)."""
+        if self._upstream_attached and not self._inflight and self._reader.pending and not self._reader.paused:
+            self._unsolicited()
 
     def _sync_sockets(self) -> None:
         """Pause a socket only when its leg's unhandled input passed ``max_buffered``, or the other
@@ -1071,6 +1069,8 @@ class SessionMachine:
         self._drop_upstream("line too long")
 
     def _unsolicited(self) -> None:
+        # Nothing was asked: an upstream that talks out of turn would shift every later answer onto
+        # the wrong command, so it is not believed any further.
         self._log("warn", "upstream sent an unsolicited line; closing")
         self._drop_upstream("unsolicited line")
 
