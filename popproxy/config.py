@@ -13,6 +13,7 @@ the key (``listen[0].certificate``, ``upstream.legacy.tls``) and the reason.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import ipaddress
 import math
 import os
@@ -411,6 +412,19 @@ class HookConfig:
         return False
 
 
+#: The most worker processes ``[process] workers`` may ask for.
+MAX_WORKERS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessConfig:
+    """How the proxy runs (``[process]``). ``workers``: 1 serves sessions in the twistd process
+    itself; N > 1 makes it a parent that binds the listeners and the N worker processes serve them
+    (``popproxy.workers``)."""
+
+    workers: int = 1
+
+
 @dataclass(frozen=True, slots=True)
 class ProxyConfig:
     """The whole configuration. ``upstreams`` is read-only (a ``MappingProxyType``)."""
@@ -421,13 +435,17 @@ class ProxyConfig:
     routing: RoutingConfig
     limits: LimitsConfig
     hooks: tuple[HookConfig, ...] = ()
+    process: ProcessConfig = ProcessConfig()
 
 
-def load_config(path: str | os.PathLike[str]) -> ProxyConfig:
+def load_config(path: str | os.PathLike[str], digest: str | None = None) -> ProxyConfig:
     """Read and validate the configuration file at ``path``.
 
     The path is made absolute first, so relative file names inside it keep meaning the same
     files after the process changes directory (twistd's ``--rundir``) and on reload.
+
+    With ``digest``, the file must be the one whose SHA-256 it is (the parent of several workers
+    checked that file, and each worker must load the same).
 
     :raises ConfigError: for any problem, an unreadable file included (key ``-``).
     """
@@ -436,6 +454,8 @@ def load_config(path: str | os.PathLike[str]) -> ProxyConfig:
         data = path.read_bytes()
     except OSError as error:
         raise ConfigError(path, "-", f"cannot read: {error.strerror or error}") from None
+    if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+        raise ConfigError(path, "-", "changed while it was being reloaded; reload again")
     try:
         text = data.decode("utf-8")  # TOML 1.0: "A TOML file must be a valid UTF-8 encoded Unicode document"
     except UnicodeDecodeError as error:
@@ -452,7 +472,7 @@ def parse_config(text: str, path: Path) -> ProxyConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:  # its message carries "(at line L, column C)"
         raise ConfigError(path, "-", f"TOML syntax error: {error}") from None
-    root = _Table(data, "", path, ("listen", "upstream", "routing", "limits", "hook"))
+    root = _Table(data, "", path, ("listen", "upstream", "routing", "limits", "hook", "process"))
     listeners = _listeners(root, path.parent)
     upstreams = _upstreams(root, path.parent)
     routing = _routing(
@@ -460,7 +480,15 @@ def parse_config(text: str, path: Path) -> ProxyConfig:
     )
     limits = _limits(_Table(root.take("limits", dict, {}), "limits", path, _LIMIT_KEYS))
     hooks = _hooks(root, routing.user_case)  # after [routing]: hooks' users are normalised by its user_case
-    return ProxyConfig(path, listeners, MappingProxyType(upstreams), routing, limits, hooks)
+    process = _process(_Table(root.take("process", dict, {}), "process", path, ("workers",)))
+    return ProxyConfig(path, listeners, MappingProxyType(upstreams), routing, limits, hooks, process)
+
+
+def _process(t: _Table) -> ProcessConfig:
+    workers = t.take("workers", int, 1)
+    if not 1 <= workers <= MAX_WORKERS:
+        raise t.error("workers", f"must be between 1 and {MAX_WORKERS}, not {workers}")
+    return ProcessConfig(workers)
 
 
 # --- one function per table ------------------------------------------------------------------------

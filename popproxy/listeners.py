@@ -64,10 +64,12 @@ class AllowedPeersEndpoint:
         return self._endpoint.listen(AllowedPeersFactory(factory, self._listener))
 
 
-def listening_endpoint(reactor: object, listener: ListenerConfig) -> IStreamServerEndpoint:
-    """The endpoint for ``listener``: its own string, behind a peer filter and the PROXY-header reader
-    when it starts with ``haproxy:``."""
-    endpoint: IStreamServerEndpoint = serverFromString(reactor, listener.inner_endpoint)
+def listening_endpoint(reactor: object, listener: ListenerConfig,
+                       endpoint: IStreamServerEndpoint | None = None) -> IStreamServerEndpoint:
+    """The endpoint for ``listener``: its own string (or ``endpoint``, a socket bound elsewhere),
+    behind a peer filter and the PROXY-header reader when it starts with ``haproxy:``."""
+    if endpoint is None:
+        endpoint = serverFromString(reactor, listener.inner_endpoint)
     if listener.haproxy:
         endpoint = proxyEndpoint(AllowedPeersEndpoint(endpoint, listener))
     return endpoint
@@ -89,11 +91,12 @@ def listening_factory(
 
 
 def listener_service(
-    reactor: object, listener: ListenerConfig, factory: IProtocolFactory, server_tls: ServerTLS | None
+    reactor: object, listener: ListenerConfig, factory: IProtocolFactory, server_tls: ServerTLS | None,
+    endpoint: IStreamServerEndpoint | None = None,
 ) -> StreamServerEndpointService:
     """A service that binds in ``privilegedStartService``, before twistd drops privileges."""
     service = StreamServerEndpointService(
-        listening_endpoint(reactor, listener), listening_factory(listener, factory, server_tls)
+        listening_endpoint(reactor, listener, endpoint), listening_factory(listener, factory, server_tls)
     )
     # Fail the start (and twistd) when the port cannot be bound, rather than logging and running on.
     service._raiseSynchronously = True

@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from types import FrameType
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
 from twisted.logger import Logger
 
 from .config import ConfigError, ProxyConfig
@@ -20,7 +21,7 @@ from .listeners import listener_service
 from .protocol.client import SessionSettings
 from .protocol.connector import UpstreamConnector
 from .protocol.factory import ProxyFactory
-from .protocol.guard import Guard
+from .protocol.guard import Guard, ISessionGuard, LocalGuard
 from .protocol.mailbox import MessageCache
 from .tls import ServerTLS
 
@@ -33,10 +34,23 @@ EXPIRY_CHECK_INTERVAL = 86400.0
 TICKET_CHECK_INTERVAL = 60.0
 
 
+@dataclass(frozen=True)
+class PreparedReload:
+    """A configuration read, checked and built (hooks, TLS contexts), not yet in use."""
+
+    config: ProxyConfig
+    hooks: tuple[BuiltHook, ...]
+    server_tls: dict[str, ServerTLS]
+
+
 class ProxyService(MultiService):
     """Listeners for every ``[[listen]]`` table, each with its own factory and TLS context.
 
     :param connector: how sessions reach upstreams; tests pass one with in-memory endpoints.
+    :param guard: the proxy-wide limits, when they are kept elsewhere (a worker asks its parent);
+        by default a ``Guard`` in this process.
+    :param endpoints: where each listener (by key) accepts connections, when not its own endpoint
+        string (a worker adopts the socket its parent bound).
     """
 
     #: install a SIGHUP handler (twistd); tests that build services in-process turn it off
@@ -44,7 +58,8 @@ class ProxyService(MultiService):
     _previous_hup: Callable[[int, FrameType | None], object] | int | None = None
 
     def __init__(self, config: ProxyConfig, reactor: IReactorTime, connector: UpstreamConnector | None = None,
-                 *, handle_signals: bool = True) -> None:
+                 *, handle_signals: bool = True, guard: ISessionGuard | None = None,
+                 endpoints: Mapping[str, IStreamServerEndpoint] | None = None) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
@@ -56,7 +71,12 @@ class ProxyService(MultiService):
         )
         self.connector = connector
         self.hooks = build_hooks(config)
-        self.guard = Guard(config.limits, reactor)
+        #: the limits kept in this process (None when ``guard`` is another's)
+        self.guard: Guard | None = None
+        if guard is None:
+            self.guard = Guard(config.limits, reactor)
+            guard = LocalGuard(self.guard)
+        self.sessions_guard = guard
         # Processed messages for TOP-then-RETR: one bound for the whole proxy, not one per session.
         self.cache = MessageCache(config.limits.message_cache)
         for listener in config.listeners:
@@ -64,10 +84,11 @@ class ProxyService(MultiService):
             if server_tls is not None:
                 server_tls.built_at = reactor.seconds()
                 self.server_tls[listener.key] = server_tls
-            factory = ProxyFactory(SessionSettings(listener, config, server_tls, connector, reactor, self.hooks, self.guard,
+            factory = ProxyFactory(SessionSettings(listener, config, server_tls, connector, reactor, self.hooks, self.sessions_guard,
                                                       self.cache))
             self.factories.append(factory)
-            listener_service(reactor, listener, factory, server_tls).setServiceParent(self)
+            endpoint = endpoints.get(listener.key) if endpoints is not None else None
+            listener_service(reactor, listener, factory, server_tls, endpoint).setServiceParent(self)
         expiry = TimerService(EXPIRY_CHECK_INTERVAL, self.warn_expiring_certificates)
         expiry.clock = reactor
         expiry.setName("certificate expiry")
@@ -120,10 +141,21 @@ class ProxyService(MultiService):
         """Re-read the configuration: new certificates, routing, limits and hooks for new sessions;
         live sessions keep what they started with. A configuration that does not validate changes
         nothing and is logged. Listener addresses cannot change without a restart."""
+        prepared = self.prepare_reload()
+        if isinstance(prepared, str):
+            log.error("reload refused, keeping the running configuration: {error}", error=prepared, event="reload_failed")
+            return False
+        self.commit_reload(prepared)
+        return True
+
+    def prepare_reload(self, digest: str | None = None) -> PreparedReload | str:
+        """The first half of a reload: read and build everything, use nothing. Returns what was
+        built, or why the configuration cannot be used. With ``digest``, the file must still be the
+        one its SHA-256 names (the parent of several workers read it first)."""
         from .tap import validated_config  # the same checks as at start
 
         try:
-            config = validated_config(str(self.config.path))
+            config = validated_config(str(self.config.path), digest)
             hooks = build_hooks(config)
             server_tls = {
                 listener.key: ServerTLS.from_listener(listener, config.path)
@@ -131,8 +163,16 @@ class ProxyService(MultiService):
                 if listener.tls != "none"
             }
         except ConfigError as error:
-            log.error("reload refused, keeping the running configuration: {error}", error=str(error), event="reload_failed")
-            return False
+            return str(error)
+        return PreparedReload(config, hooks, server_tls)
+
+    def abandon_reload(self, prepared: PreparedReload) -> None:
+        """A prepared reload that will not be used (another worker refused it)."""
+        _close_hooks(prepared.hooks)
+
+    def commit_reload(self, prepared: PreparedReload) -> None:
+        """The second half of a reload: new sessions use what ``prepare_reload`` built."""
+        config, hooks, server_tls = prepared.config, prepared.hooks, prepared.server_tls
         old = [(listener.key, listener.endpoint, listener.tls) for listener in self.config.listeners]
         new = [(listener.key, listener.endpoint, listener.tls) for listener in config.listeners]
         if old != new:
@@ -148,7 +188,8 @@ class ProxyService(MultiService):
                 kept.append(same)
         retired = tuple(old for old in self.hooks if all(old is not k for k in kept))
         self.config, self.hooks = config, hooks
-        self.guard.reconfigure(config.limits)
+        if self.guard is not None:
+            self.guard.reconfigure(config.limits)
         self.cache.limit = config.limits.message_cache
         self.connector.response_timeout = config.limits.upstream_timeout
         self.connector.max_body_line = config.limits.upstream_max_line
@@ -161,13 +202,12 @@ class ProxyService(MultiService):
                 server_tls[key].built_at = self.reactor.seconds()
                 current_tls.reload(server_tls[key])  # new handshakes only
             factory.settings = dataclasses.replace(
-                factory.settings, listener=listener, config=config, hooks=hooks, guard=self.guard
+                factory.settings, listener=listener, config=config, hooks=hooks, guard=self.sessions_guard
             )
             live.extend(session.when_closed() for session in factory.sessions)
         # The old hooks serve the sessions that started with them: close them when those are over.
         gatherResults(live).addCallback(lambda _: _close_hooks(retired))
         log.info("configuration reloaded from {config}", config=str(config.path), event="reloaded")
-        return True
 
     # -- SIGTERM --------------------------------------------------------------------------------------
 

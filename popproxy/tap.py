@@ -46,7 +46,7 @@ class Options(usage.Options):
             raise SystemExit(0)
 
 
-def validated_config(path: str) -> ProxyConfig:
+def validated_config(path: str, digest: str | None = None) -> ProxyConfig:
     """Load ``path`` and check everything that can be checked without listening: endpoint strings
     every TLS context (a certificate that does not match its key fails here, not at the first
     handshake), and every hook."""
@@ -56,7 +56,7 @@ def validated_config(path: str) -> ProxyConfig:
     from .listeners import check_endpoints
     from .tls import check_tls
 
-    config = load_config(path)
+    config = load_config(path, digest)
     check_endpoints(reactor, config)
     check_tls(config)
     for built in build_hooks(config):  # every hook's own settings, and that it loads at all
@@ -67,6 +67,10 @@ def validated_config(path: str) -> ProxyConfig:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    if options.config.process.workers > 1:
+        from .workers import WorkerPool
+
+        return WorkerPool(options.config, reactor)
     from .service import ProxyService
 
     return ProxyService(options.config, reactor)

@@ -26,7 +26,7 @@ from .pop3.wire import CRLF, err, multiline, ok, parse_command, stuff_body
 from .protocol.client import ClientProtocol, SessionSettings
 from .protocol.connector import UpstreamConnector
 from .protocol.factory import ProxyFactory
-from .protocol.guard import Guard
+from .protocol.guard import Guard, LocalGuard
 from .protocol.interfaces import LegTransport
 from .protocol.mailbox import MessageCache
 
@@ -320,7 +320,7 @@ class MemoryProxy:
         self.cache = MessageCache(config.limits.message_cache)
         self.factory = ProxyFactory(
             SessionSettings(config.listeners[listener_index], config, server_tls, self.connector, self.clock,
-                            self.hooks, self.guard, self.cache)
+                            self.hooks, LocalGuard(self.guard), self.cache)
         )
         self.refuse: set[Address] = set()
 

@@ -281,6 +281,12 @@ def test_the_example_configuration_loads(tmp_path: Path) -> None:
     assert config.routing.route(config.routing.normalise("Boss@Example.ORG")) == "hosted"
 
 
+def test_workers_default_to_one_and_take_a_count(conf_dir: Path) -> None:
+    assert parse(config_text(), conf_dir).process.workers == 1
+    assert parse(config_text(extra="[process]\nworkers = 4"), conf_dir).process.workers == 4
+    assert "\n#[process]\n#workers = 2" in EXAMPLE.read_text(encoding="utf-8")
+
+
 def test_the_example_configuration_documents_every_limit_and_user_case() -> None:
     text = EXAMPLE.read_text(encoding="utf-8")
     for spec in dataclasses.fields(LimitsConfig):
@@ -307,6 +313,11 @@ CASES = [
         "must be a table, not string 'tcp:110'",
     ),
     ("no-upstream", LISTEN_ONLY, "upstream", "at least one [upstream.NAME] table is required"),
+    # processes
+    ("workers-zero", config_text(extra="[process]\nworkers = 0"), "process.workers", "between 1 and 64, not 0"),
+    ("workers-many", config_text(extra="[process]\nworkers = 65"), "process.workers", "between 1 and 64, not 65"),
+    ("workers-string", config_text(extra='[process]\nworkers = "2"'), "process.workers", "must be an integer"),
+    ("process-unknown", config_text(extra="[process]\nthreads = 2"), "process.threads", "unknown key"),
     ("upstream-not-table", 'upstream = "mail:110"\n' + LISTEN_ONLY, "upstream", "must be a table"),
     (
         "upstream-entry-not-table",

@@ -24,6 +24,8 @@ from popproxy.protocol.client import hook_plan
 from popproxy.protocol.effects import (
     AbortClient,
     AbortUpstream,
+    AskPenalty,
+    AskUserSlot,
     CancelLogin,
     CancelTimer,
     CloseClient,
@@ -33,6 +35,8 @@ from popproxy.protocol.effects import (
     Log,
     Login,
     PauseReading,
+    RecordFailure,
+    ReleaseUser,
     ResumeReading,
     RunHooks,
     Send,
@@ -70,11 +74,14 @@ class Harness:
     pauses its producer in the middle of a write."""
 
     def __init__(self, tmp_path: Path, limits: str = "", listener: dict[str, object] | None = None,
-                 hooks: str = "", routing: str = 'default = "main"') -> None:
+                 hooks: str = "", routing: str = 'default = "main"', guard_answers_later: bool = False) -> None:
         config = proxy_config(tmp_path, listeners=[listener or {"endpoint": "tcp:110", "tls": "none"}],
                               extra="[limits]\n" + limits + "\n" + hooks, routing=routing)
         self.now = Now()
         self.guard = Guard(config.limits, self.now)  # type: ignore[arg-type]
+        #: like a guard in another process (``workers`` > 1): questions wait here for the test to answer
+        self.later = guard_answers_later
+        self.questions: list[AskPenalty | AskUserSlot] = []
         self.effects: list[Effect] = []
         self.sends: list[bytes] = []  # every line sent upstream, in order
         self.writes = bytearray()  # everything written to the client
@@ -82,12 +89,23 @@ class Harness:
         built = build_hooks(config)
         self.machine = SessionMachine(
             MachineSettings(listener=config.listeners[0], config=config, stls_available=True, now=self.now.seconds,
-                            guard=self.guard, plan=hook_plan(built), cache=MessageCache(config.limits.message_cache)),
+                            plan=hook_plan(built), cache=MessageCache(config.limits.message_cache)),
             self._record,
             peer_host="192.0.2.1",
         )
 
     def _record(self, effect: Effect) -> None:
+        # The guard answers at once, as it does in one process (nested inputs, like the glue's).
+        if self.later and isinstance(effect, (AskPenalty, AskUserSlot)):
+            self.questions.append(effect)
+        elif isinstance(effect, AskPenalty):
+            self.machine.penalty_known(self.guard.failure_delay(effect.host, effect.failures))
+        elif isinstance(effect, AskUserSlot):
+            self.machine.user_slot(self.guard.user_admit(effect.user))
+        elif isinstance(effect, RecordFailure):
+            self.guard.login_failed(effect.host)
+        elif isinstance(effect, ReleaseUser):
+            self.guard.user_left(effect.user)
         self.effects.append(effect)
         if isinstance(effect, Send):
             self.sends.append(effect.line)
@@ -99,7 +117,7 @@ class Harness:
     def take(self) -> list[Effect]:
         """The effects since the last call, logs left out."""
         effects, self.effects = self.effects, []
-        return [effect for effect in effects if not isinstance(effect, Log)]
+        return [effect for effect in effects if not isinstance(effect, (Log, AskPenalty, AskUserSlot, RecordFailure, ReleaseUser))]
 
     def written(self) -> bytes:
         data = b"".join(effect.data for effect in self.effects if isinstance(effect, Write))
@@ -188,6 +206,68 @@ def test_penalty_is_paid_before_the_upstream_is_asked(tmp_path: Path) -> None:
     assert Hold.LOGIN in h.machine.holds[Leg.CLIENT]
     h.machine.timer_fired(Timer.PENALTY)
     assert h.take() == [Login("alice", b"right", "main", listing=False)]
+
+
+def test_a_guard_in_another_process_answers_later_and_the_session_waits(tmp_path: Path) -> None:
+    """With workers the guard is the parent's: the machine asks, holds the client's commands, and
+    goes on with the answers, which come as inputs of their own."""
+    h = Harness(tmp_path, "login_failure_delay = 2.0\n", guard_answers_later=True)
+    h.machine.connected()
+    h.take()
+    h.machine.client_data(b"USER alice\r\nPASS pw\r\nSTAT\r\n")
+    assert h.questions == [AskPenalty("192.0.2.1", 0)]
+    assert not any(isinstance(effect, Login) for effect in h.take())  # nothing before the answer
+    h.machine.penalty_known(2.0)
+    assert h.take() == [SetTimer(Timer.PENALTY, 2.0)]
+    h.machine.timer_fired(Timer.PENALTY)
+    assert h.take() == [Login("alice", b"pw", "main", listing=False)]
+    h.machine.upstream_attached([b"PIPELINING"])
+    h.machine.logged_in(None)
+    assert h.questions[-1] == AskUserSlot("alice")
+    assert h.machine.state is State.LOGGING_IN and Hold.LOGIN in h.machine.holds[Leg.CLIENT]
+    assert not h.sent() and b"Logged in" not in h.written()  # STAT waits for the slot
+    h.machine.user_slot(True)
+    assert h.written() == b"+OK Logged in.\r\n"
+    assert h.sent() == [b"STAT\r\n"]
+    h.machine.client_lost()
+    assert ReleaseUser("alice") in h.effects
+
+
+def test_a_refused_slot_answers_in_use_and_a_late_slot_after_a_hang_up_is_given_back(tmp_path: Path) -> None:
+    h = Harness(tmp_path, guard_answers_later=True)
+    h.machine.connected()
+    h.machine.client_data(b"USER alice\r\nPASS pw\r\n")
+    h.machine.penalty_known(0.0)
+    h.machine.upstream_attached([])
+    h.machine.logged_in(None)
+    h.take()
+    h.machine.user_slot(False)
+    effects = h.take()
+    assert AbortUpstream("too many sessions for user") in effects
+    assert Write(b"-ERR [IN-USE] Too many sessions for this user.\r\n") in effects
+
+    late = Harness(tmp_path, guard_answers_later=True)
+    late.machine.connected()
+    late.machine.client_data(b"USER alice\r\nPASS pw\r\n")
+    late.machine.penalty_known(0.0)
+    late.machine.upstream_attached([])
+    late.machine.logged_in(None)
+    late.machine.client_lost()  # gone while the parent was asked
+    late.take()
+    late.machine.user_slot(True)
+    effects = late.effects
+    assert ReleaseUser("alice") in effects and AbortUpstream("client gone") in effects
+    assert late.machine.state is State.CLOSED
+
+
+def test_a_penalty_answer_after_a_hang_up_starts_nothing(tmp_path: Path) -> None:
+    h = Harness(tmp_path, guard_answers_later=True)
+    h.machine.connected()
+    h.machine.client_data(b"USER alice\r\nPASS pw\r\n")
+    h.machine.client_lost()
+    h.take()
+    h.machine.penalty_known(0.0)
+    assert not any(isinstance(effect, (Login, SetTimer)) for effect in h.take())
 
 
 def test_hang_up_during_the_penalty_cancels_the_login(tmp_path: Path) -> None:

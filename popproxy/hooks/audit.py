@@ -34,9 +34,9 @@ import datetime
 import json
 import os
 import syslog as syslog_module
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.python.logfile import DailyLogFile, LogFile
 from zope.interface import implementer
@@ -231,8 +231,19 @@ class SyslogWriter:
         syslog_module.closelog()
 
 
+class AuditFile(Protocol):
+    """Where an audit hook's lines for a file go."""
+
+    def write(self, line: str) -> None: ...
+    def close(self) -> None: ...
+
+
 @implementer(IHookFactory)
 class AuditLogFactory:
+    #: How a hook with ``path`` opens its file. A worker process (``[process] workers`` > 1) sets
+    #: this to send its lines to the parent, the file's one writer (``popproxy.ipc.ForwardedFile``).
+    files: Callable[[Path, str, int, int], AuditFile] = FileWriter
+
     def build(self, config: HookConfig) -> AuditLog:
         options = config.options
         use_syslog = options.boolean("syslog", False)
@@ -250,7 +261,7 @@ class AuditLogFactory:
             raise options.error("path", f"{path.parent}: no such directory")
         if not os.access(path.parent, os.W_OK):
             raise options.error("path", f"{path.parent}: not writable")
-        return AuditLog(config.name, FileWriter(path, rotate, max_bytes, keep), headers)
+        return AuditLog(config.name, self.files(path, rotate, max_bytes, keep), headers)
 
 
 factory = AuditLogFactory()

@@ -33,6 +33,8 @@ from .connector import LoggedIn, UpstreamConnector
 from .effects import (
     AbortClient,
     AbortUpstream,
+    AskPenalty,
+    AskUserSlot,
     CancelLogin,
     CancelTimer,
     CloseClient,
@@ -42,6 +44,8 @@ from .effects import (
     Login,
     Notify,
     PauseReading,
+    RecordFailure,
+    ReleaseUser,
     ResumeReading,
     RunHooks,
     Send,
@@ -51,7 +55,7 @@ from .effects import (
     Write,
 )
 from .flow import LegProducer
-from .guard import Guard
+from .guard import ISessionGuard
 from .interfaces import Leg, LegTransport
 from .machine import (
     AUTH_FAILED,
@@ -83,7 +87,7 @@ class SessionSettings:
     connector: UpstreamConnector
     clock: IReactorTime
     hooks: tuple[BuiltHook, ...] = ()
-    guard: Guard | None = None
+    guard: ISessionGuard | None = None
     #: processed messages for TOP-then-RETR, shared by every session of the proxy
     cache: MessageCache | None = None
     plan: HookPlan = field(init=False)
@@ -134,7 +138,6 @@ class ClientProtocol(Protocol):
                 config=settings.config,
                 stls_available=settings.server_tls is not None,
                 now=settings.clock.seconds,
-                guard=settings.guard,
                 plan=settings.plan,
                 cache=settings.cache,
             ),
@@ -152,6 +155,10 @@ class ClientProtocol(Protocol):
         self._client_tls: dict[str, str] = {}
         self._admitted = False  # counted by the guard
         self._admitted_host: str | None = None  # counted by the guard under this address
+        # While the guard is asked whether to admit (or to count the address a PROXY header gave),
+        # the client's bytes wait here and its socket is paused: at most one read's worth.
+        self._gate: list[bytes] | None = None
+        self._gate_paused = False
         self._address_known = not settings.listener.haproxy
         self._lb_peer: IAddress | None = None
         self._closed = False
@@ -212,54 +219,76 @@ class ClientProtocol(Protocol):
             # address once known, and give the header ``proxy_header_timeout`` seconds.
             self._lb_peer = self.transport.getPeer()
             self._header_timer = self.settings.clock.callLater(self._limits.proxy_header_timeout, self._header_timed_out)
-            refusal = self._admit(None)
+            self._admit(None, first=True)
         else:
             self._log_opened()
-            refusal = self._admit(self._fields()["peer_host"])
-            self.machine.peer_host = self._fields()["peer_host"]
-        if refusal is None:
-            self.machine.connected(greet=True)
-        else:
-            self.machine.connected(greet=False)
-            self.machine.refuse(TOO_MANY_SESSIONS, refusal)
+            host = self._fields()["peer_host"]
+            self.machine.peer_host = host
+            self._admit(host, first=True)
 
-    def _admit(self, host: str | None) -> str | None:
-        """Count this session against the proxy-wide limits; say why not if it may not be."""
+    def _admit(self, host: str | None, first: bool) -> None:
+        """Ask the guard to count this session (``first``), or to count it under the client address
+        a PROXY header gave; the session goes on when it answers."""
         guard = self.settings.guard
         if guard is None:
-            return None
-        refusal = guard.admit(host)
-        if refusal is None:
-            self._admitted, self._admitted_host = True, host
-        else:
-            self.log.warn("session {session_id} refused: {refusal}", refusal=refusal, **self._fields())
-        return refusal
+            self._admitted_answer(None, host, first)
+            return
+        if not first and not self._admitted:
+            return
+        self._gate = []
+        answer = guard.admit(host) if first else guard.admit_address(host)  # type: ignore[arg-type]
+        answer.addCallbacks(self._admitted_answer, self._guard_failed, callbackArgs=(host, first),
+                            errbackArgs=(host, first))
+        if self._gate is not None and not self._closed:  # not answered at once: hold the socket
+            self._gate_paused = True
+            self.transport.pauseProducing()
 
-    def _address_arrived(self) -> bool:
-        """The PROXY header has been read: count the session under the real client address.
-        False if it must be refused."""
+    def _admitted_answer(self, refusal: str | None, host: str | None, first: bool) -> None:
+        guard = self.settings.guard
+        if guard is not None and refusal is None:
+            self._admitted, self._admitted_host = True, host
+        gate, self._gate = self._gate or [], None
+        if self._closed:  # gone while the guard was asked: nothing more to count
+            if guard is not None and self._admitted:
+                guard.left(self._admitted_host)
+                self._admitted = False
+            return
+        if self._gate_paused:
+            self._gate_paused = False
+            self.transport.resumeProducing()
+        if first:
+            self.machine.connected(greet=refusal is None)
+        if refusal is not None:
+            self.log.warn("session {session_id} refused: {refusal}", refusal=refusal, **self._fields())
+            self.machine.refuse(TOO_MANY_SESSIONS, refusal)
+            return
+        for data in gate:
+            self.dataReceived(data)
+
+    def _guard_failed(self, failure: Failure, host: str | None, first: bool) -> None:
+        """The guard could not be asked (a worker that lost its parent): refuse, SYS/TEMP."""
+        self.log.failure("session {session_id}: the session guard failed", failure, **self._fields())
+        self._admitted_answer("session guard unavailable", host, first)
+
+    def _address_arrived(self, data: bytes | None) -> None:
+        """The PROXY header has been read: count the session under the real client address, then
+        handle ``data``, what came after the header."""
         self._address_known = True
         self._cancel(self._header_timer)
         self._log_opened()
         host = self._fields()["peer_host"]
         self.machine.peer_host = host
-        guard = self.settings.guard
-        if guard is None or not self._admitted:
-            return True
-        refusal = guard.admit_address(host)
-        if refusal is None:
-            self._admitted_host = host
-            return True
-        self.log.warn("session {session_id} refused: {refusal}", refusal=refusal, **self._fields())
-        self.machine.refuse(TOO_MANY_SESSIONS, refusal)
-        return False
+        self._gate = None
+        self._admit(host, first=False)
+        if data is not None:
+            self.dataReceived(data)
 
     def _header_timed_out(self) -> None:
         self._header_timer = None
         if self._address_known or self._closed:
             return
         if self.transport.getPeer() != self._lb_peer:
-            self._address_arrived()  # a header and nothing after it yet: the client may be slow
+            self._address_arrived(None)  # a header and nothing after it yet: the client may be slow
             return
         self.log.info("session {session_id}: no PROXY header within {seconds}s; closing",
                       seconds=self._limits.proxy_header_timeout, **self._fields())
@@ -267,7 +296,11 @@ class ClientProtocol(Protocol):
         self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
-        if not self._address_known and not self._address_arrived():
+        if self._gate is not None:  # the guard has not answered yet
+            self._gate.append(data)
+            return
+        if not self._address_known:
+            self._address_arrived(data)
             return
         if self.machine.tls_active and not self._client_tls:
             # Application data arrived over TLS, so the handshake is complete: record its facts now
@@ -288,7 +321,7 @@ class ClientProtocol(Protocol):
         for timer in (self._close_timer, self._header_timer):
             self._cancel(timer)
         guard = self.settings.guard
-        if guard is not None and self._admitted:
+        if guard is not None and self._admitted and self._gate is None:  # else the answer releases it
             guard.left(self._admitted_host)
         self._log_opened()
         summary = self._log_ended(previous)
@@ -321,6 +354,8 @@ class ClientProtocol(Protocol):
         elif isinstance(effect, Notify):
             if self._events:
                 self._events.emit(effect.event, self.session_facts(effect.user, effect.upstream), *effect.args)
+        elif isinstance(effect, (AskPenalty, AskUserSlot, RecordFailure, ReleaseUser)):
+            self._ask_guard(effect)
         elif isinstance(effect, RunHooks):
             self._run_hooks(effect)
         elif isinstance(effect, Login):
@@ -343,6 +378,32 @@ class ClientProtocol(Protocol):
                 self._upstream.abort()
         else:  # pragma: no cover - every effect is handled above
             raise TypeError(f"unknown effect {effect!r}")
+
+    def _ask_guard(self, effect: AskPenalty | AskUserSlot | RecordFailure | ReleaseUser) -> None:
+        """The machine's questions to the proxy-wide guard; with none configured, nothing is limited."""
+        guard = self.settings.guard
+        if isinstance(effect, AskPenalty):
+            if guard is None:
+                self.machine.penalty_known(0.0)
+            else:
+                guard.failure_delay(effect.host, effect.failures).addCallbacks(
+                    self.machine.penalty_known, self._guard_lost)
+        elif isinstance(effect, AskUserSlot):
+            if guard is None:
+                self.machine.user_slot(True)
+            else:
+                guard.user_admit(effect.user).addCallbacks(self.machine.user_slot, self._guard_lost)
+        elif guard is None:
+            return
+        elif isinstance(effect, RecordFailure):
+            guard.login_failed(effect.host)
+        else:
+            guard.user_left(effect.user)
+
+    def _guard_lost(self, failure: Failure) -> None:
+        self.log.failure("session {session_id}: the session guard failed", failure, **self._fields())
+        if not self._closed:
+            self.transport.abortConnection()
 
     def _pause(self, leg: Leg, pause: bool) -> None:
         if leg is Leg.CLIENT:

@@ -133,8 +133,44 @@ class Notify:
     upstream: str | None = None
 
 
+# -- the proxy-wide guard (``guard.ISessionGuard``): it may live in another process, so the machine asks
+# -- and is answered later, by an input.
+
+@dataclass(frozen=True, slots=True)
+class AskPenalty:
+    """How long must a login from ``host`` wait, after ``failures`` on this connection? Answer with
+    ``penalty_known``."""
+
+    host: str
+    failures: int
+
+
+@dataclass(frozen=True, slots=True)
+class RecordFailure:
+    """A login from ``host`` failed: it counts towards the address's penalty."""
+
+    host: str
+
+
+@dataclass(frozen=True, slots=True)
+class AskUserSlot:
+    """Count one more logged-in session of ``user`` if the user's cap allows. Answer with
+    ``user_slot``."""
+
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseUser:
+    """A session of ``user`` counted by ``AskUserSlot`` is over."""
+
+    user: str
+
+
+GuardEffect = AskPenalty | RecordFailure | AskUserSlot | ReleaseUser
+
 Effect = (Write | Send | StartTLS | Login | CancelLogin | CloseClient | AbortClient | CloseUpstream | AbortUpstream
-          | PauseReading | ResumeReading | SetTimer | CancelTimer | RunHooks | Log | Notify)
+          | PauseReading | ResumeReading | SetTimer | CancelTimer | RunHooks | Log | Notify | GuardEffect)
 
 
 class Hold(enum.Enum):

@@ -15,6 +15,9 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from twisted.internet.defer import Deferred, succeed
+from zope.interface import Interface, implementer
+
 from ..config import LimitsConfig, in_networks
 
 if TYPE_CHECKING:
@@ -38,6 +41,33 @@ def address_key(host: str) -> str | None:
             return str(address.ipv4_mapped)
         return str(ipaddress.IPv6Network((address, 64), strict=False))
     return str(address)
+
+
+class ISessionGuard(Interface):
+    """What a session asks of the proxy-wide limits. The answers are Deferreds: with ``workers = 1``
+    the guard is in the same process and they have already fired; with more workers it is the
+    parent's, asked over AMP (``popproxy.workers``)."""
+
+    def admit(host: str | None) -> Deferred[str | None]:
+        """Count a new session (``Guard.admit``): None, or why it is refused."""
+
+    def admit_address(host: str) -> Deferred[str | None]:
+        """Count an admitted session under its client address, now known (``Guard.admit_address``)."""
+
+    def left(host: str | None) -> None:
+        """An admitted session ended."""
+
+    def user_admit(user: str) -> Deferred[bool]:
+        """Count a logged-in session of ``user``; False if the user has too many."""
+
+    def user_left(user: str) -> None:
+        """A session counted by ``user_admit`` ended."""
+
+    def login_failed(host: str) -> None:
+        """A login from ``host`` failed."""
+
+    def failure_delay(host: str, connection_failures: int) -> Deferred[float]:
+        """Seconds a login from ``host`` waits first (``Guard.failure_delay``)."""
 
 
 @dataclass
@@ -166,3 +196,32 @@ class Guard:
         if count <= 0:
             return 0.0
         return min(MAX_DELAY, self._limits.login_failure_delay * float(1 << (count - 1)))
+
+
+@implementer(ISessionGuard)
+class LocalGuard:
+    """``ISessionGuard`` for a ``Guard`` in this process: every answer is ready at once."""
+
+    def __init__(self, guard: Guard) -> None:
+        self.guard = guard
+
+    def admit(self, host: str | None) -> Deferred[str | None]:
+        return succeed(self.guard.admit(host))
+
+    def admit_address(self, host: str) -> Deferred[str | None]:
+        return succeed(self.guard.admit_address(host))
+
+    def left(self, host: str | None) -> None:
+        self.guard.left(host)
+
+    def user_admit(self, user: str) -> Deferred[bool]:
+        return succeed(self.guard.user_admit(user))
+
+    def user_left(self, user: str) -> None:
+        self.guard.user_left(user)
+
+    def login_failed(self, host: str) -> None:
+        self.guard.login_failed(host)
+
+    def failure_delay(self, host: str, connection_failures: int) -> Deferred[float]:
+        return succeed(self.guard.failure_delay(host, connection_failures))

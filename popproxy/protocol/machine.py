@@ -33,7 +33,7 @@ import functools
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ParamSpec, Protocol
+from typing import ParamSpec
 
 from zope.interface import implementer
 
@@ -68,6 +68,8 @@ from .answers import (
 from .effects import (
     AbortClient,
     AbortUpstream,
+    AskPenalty,
+    AskUserSlot,
     CancelLogin,
     CancelTimer,
     CloseClient,
@@ -78,6 +80,8 @@ from .effects import (
     Login,
     Notify,
     PauseReading,
+    RecordFailure,
+    ReleaseUser,
     ResumeReading,
     RunHooks,
     Send,
@@ -122,15 +126,6 @@ _FETCHES = (b"RETR", b"TOP")
 _COMMITTING = (b"DELE", b"QUIT")  # must wait until every fetch before them was delivered
 
 
-class GuardLike(Protocol):
-    """What the machine asks of the proxy-wide ``guard.Guard``."""
-
-    def login_failed(self, host: str) -> None: ...
-    def failure_delay(self, host: str, connection_failures: int) -> float: ...
-    def user_admit(self, user: str) -> bool: ...
-    def user_left(self, user: str) -> None: ...
-
-
 @dataclass(frozen=True)
 class HookPlan:
     """What the session needs to know about the configured hooks, for a user."""
@@ -157,7 +152,6 @@ class MachineSettings:
     config: ProxyConfig
     stls_available: bool
     now: Callable[[], float]
-    guard: GuardLike | None = None
     plan: HookPlan = HookPlan()
     cache: MessageCache | None = None
 
@@ -239,7 +233,12 @@ class SessionMachine:
         self.user: str | None = None
         self.upstream_name: str | None = None
         self.attempt: tuple[str, str] | None = None  # (user, upstream) of the latest login attempt
-        self._pending_login: tuple[str, bytes] | None = None  # waiting for the penalty timer
+        # The guard's answers (it may be in another process): they arrive as inputs and are acted on
+        # when the machine settles.
+        self._pending_login: tuple[str, bytes] | None = None  # waiting for the penalty or its timer
+        self._penalty: float | None = None  # the answer to AskPenalty, not acted on yet
+        self._landed: tuple[tuple[dict[int, int], dict[int, str]] | None] | None = None  # logged in, slot asked
+        self._slot: bool | None = None  # the answer to AskUserSlot, not acted on yet
         self._counted_user: str | None = None
         self.login_failures = 0
         self._bad_commands = 0
@@ -341,9 +340,58 @@ class SessionMachine:
     @_settles
     def logged_in(self, listing: tuple[dict[int, int], dict[int, str]] | None = None) -> None:
         """The upstream accepted the credentials (and, if asked, sent LIST and UIDL)."""
-        self._release(Leg.CLIENT, Hold.LOGIN)
+        assert self.attempt is not None
+        if self.state is State.CLOSED:
+            self._release(Leg.CLIENT, Hold.LOGIN)
+            self._after_late_login()
+            return
+        if self._draining:
+            self._release(Leg.CLIENT, Hold.LOGIN)
+            self._emit(AbortUpstream("shutdown"))
+            self._write(SHUTTING_DOWN)
+            self._close("shutdown")
+            return
+        # The per-user cap counts logged-in sessions across the whole proxy: ask the guard, and
+        # go on when it answers (``user_slot``). The client's commands wait behind Hold.LOGIN.
+        self._landed = (listing,)
+        self._emit(AskUserSlot(self.attempt[0]))
+
+    @_settles
+    def user_slot(self, granted: bool) -> None:
+        """The guard's answer to ``AskUserSlot``."""
+        if self._landed is not None:
+            self._slot = granted
+
+    @_settles
+    def penalty_known(self, delay: float) -> None:
+        """The guard's answer to ``AskPenalty``: seconds the pending login waits before it is tried."""
+        if self._pending_login is not None:
+            self._penalty = delay
+
+    def _guard_answered(self) -> bool:
+        """Act on the guard's answers that came in; True if one did."""
+        if self._pending_login is not None and self._penalty is not None:
+            delay, self._penalty = self._penalty, None
+            if delay > 0:
+                self._emit(SetTimer(Timer.PENALTY, delay))  # the login stays pending until it fires
+            else:
+                pending, self._pending_login = self._pending_login, None
+                self._route(*pending)
+            return True
+        if self._landed is not None and self._slot is not None:
+            (listing,), granted = self._landed, self._slot
+            self._landed = self._slot = None
+            self._release(Leg.CLIENT, Hold.LOGIN)
+            self._admitted(listing, granted)
+            return True
+        return False
+
+    def _admitted(self, listing: tuple[dict[int, int], dict[int, str]] | None, granted: bool) -> None:
+        """The login landed and the guard answered whether the user may have one more session."""
         assert self.attempt is not None
         user, upstream = self.attempt
+        if granted and (self.state is State.CLOSED or self._draining):
+            self._emit(ReleaseUser(user))  # the session ended while the guard was asked
         if self.state is State.CLOSED:
             self._after_late_login()
             return
@@ -352,17 +400,15 @@ class SessionMachine:
             self._write(SHUTTING_DOWN)
             self._close("shutdown")
             return
-        guard = self.settings.guard
-        if guard is not None:
-            if not guard.user_admit(user):
-                self._log("warn", "session {session_id}: {user} has too many sessions; refused", user=user)
-                self._emit(AbortUpstream("too many sessions for user"))  # no QUIT: nothing reaches UPDATE
-                self._notify_authenticated("refused", "IN-USE", user, upstream)
-                self._answer(USER_IN_USE)
-                self._close("too many sessions for user")
-                self.state = State.AUTHORIZATION
-                return
-            self._counted_user = user
+        if not granted:
+            self._log("warn", "session {session_id}: {user} has too many sessions; refused", user=user)
+            self._emit(AbortUpstream("too many sessions for user"))  # no QUIT: nothing reaches UPDATE
+            self._notify_authenticated("refused", "IN-USE", user, upstream)
+            self._answer(USER_IN_USE)
+            self._close("too many sessions for user")
+            self.state = State.AUTHORIZATION
+            return
+        self._counted_user = user
         self.state = State.TRANSACTION
         self.user, self.upstream_name = user, upstream
         if listing is not None:
@@ -481,8 +527,8 @@ class SessionMachine:
         previous = self.state
         self.hung_up = True
         self.state = State.CLOSED
-        if self._counted_user is not None and self.settings.guard is not None:
-            self.settings.guard.user_left(self._counted_user)
+        if self._counted_user is not None:
+            self._emit(ReleaseUser(self._counted_user))
             self._counted_user = None
         if self.mailbox is not None:
             self.mailbox.forget()
@@ -521,7 +567,8 @@ class SessionMachine:
 
     def _step(self) -> bool:
         """One round of what may move now; True if something did."""
-        moved = self._flush()
+        moved = self._guard_answered()
+        moved = self._flush() or moved
         moved = self._send_ready() or moved
         if not self._upstream_holds and self._reader.paused and self._upstream_attached:
             self._reader.resume()
@@ -824,14 +871,9 @@ class SessionMachine:
         # The failed-login penalty is paid *before* anything is decided, by right and wrong
         # passwords, known and unknown users alike: a delay on failures only would tell a guesser
         # that no answer within it means success.
-        delay = 0.0
-        if self.settings.guard is not None:
-            delay = self.settings.guard.failure_delay(self.peer_host, self.login_failures)
-        if delay > 0:
-            self._pending_login = (user, password)
-            self._emit(SetTimer(Timer.PENALTY, delay))
-        else:
-            self._route(user, password)
+        self._pending_login = (user, password)
+        self._penalty = None
+        self._emit(AskPenalty(self.peer_host, self.login_failures))
 
     def _route(self, user: str, password: bytes) -> None:
         route = self.settings.config.routing.route(user)
@@ -851,8 +893,7 @@ class SessionMachine:
         """A failed login: counted for this connection and address (the next login from either waits
         longer before it is tried), and after ``max_login_failures`` the connection is closed."""
         self.login_failures += 1
-        if self.settings.guard is not None:
-            self.settings.guard.login_failed(self.peer_host)
+        self._emit(RecordFailure(self.peer_host))
         self._answer(answer)
         if self.login_failures >= self._limits.max_login_failures:
             self._log("info", "session {session_id}: {count} failed logins; disconnecting", count=self.login_failures)

@@ -102,3 +102,22 @@ class RecorderFactory:
 
 
 recorder = RecorderFactory()
+
+
+@implementer(IHookFactory)
+class PickyFactory:
+    """A session hook that will not build in a process whose pid is in the file ``refuse_pids``
+    (one per line): a configuration that one worker of several cannot load while the others can."""
+
+    def build(self, config: Any) -> Recorder:
+        import os
+
+        options = config.options
+        listed = options.path("refuse_pids")
+        options.finish()
+        if listed.exists() and str(os.getpid()) in listed.read_text().split():
+            raise options.error("refuse_pids", f"this process ({os.getpid()}) is listed")
+        return Recorder()
+
+
+picky = PickyFactory()

@@ -1,0 +1,432 @@
+"""``[process] workers = N`` (N > 1): one parent process, N worker processes, every core used.
+
+One Python process runs on one core. With N workers the parent (the ``twistd`` process):
+
+- binds every listener in ``privilegedStartService``, before twistd drops privileges, and never
+  accepts on them itself; each worker adopts the same listening sockets
+  (``IReactorSocket.adoptStreamPort``) and the kernel hands each new connection to one of them;
+- starts the workers (``python -m popproxy.worker``) once privileges are dropped, so they run as the
+  same user, and starts a worker again when one dies (after a pause that grows while they keep dying
+  at once);
+- keeps the one session guard (``protocol.guard.Guard``): caps on sessions in all, per address and
+  per user, and login-failure penalties hold across workers because only the parent counts. The
+  workers ask it over AMP (``popproxy.ipc``); what a dead worker had counted is released;
+- writes every audit-log file (``hooks/audit.py``): workers send the lines, so lines never
+  interleave and a file rotates once;
+- publishes the workers' log events (JSON lines on their standard output) as its own, with
+  ``worker`` added, so ``--logfile`` and ``--logger`` see one log;
+- on SIGHUP, reloads all or nothing: it checks the file, every worker prepares it (reads it, checks
+  it is the same file by its SHA-256, builds hooks and TLS contexts), and only if every worker could
+  do all of this do they all switch (``PrepareReload``, then ``CommitReload`` or ``AbandonReload``);
+- on SIGTERM, passes SIGTERM to every worker (they stop listening and give sessions
+  ``shutdown_grace`` seconds, as one process does) and exits when they have.
+
+Key files are read by each worker after the privilege drop, as a reload reads them: they must be
+readable by the user popproxy runs as. TLS session tickets are per worker (pyOpenSSL offers no way to
+share a ticket key), so a client that resumes on another worker gets a full handshake.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+from . import ipc
+from .config import ConfigError, ProxyConfig
+from .hooks.audit import FileWriter
+from .protocol.guard import Guard
+
+log = Logger()
+
+#: A worker that dies within this many seconds of its start is restarted after a growing pause.
+QUICK_DEATH = 10.0
+FIRST_PAUSE = 0.5
+LONGEST_PAUSE = 30.0
+#: The longest log line a worker may write; a longer one is dropped, with a warning.
+MAX_LOG_LINE = 1024 * 1024
+#: The longest audit line a worker may send (its pieces are joined in the parent).
+MAX_AUDIT_LINE = 16 * 1024 * 1024
+#: Seconds, beyond ``shutdown_grace``, that workers get to exit before they are killed.
+EXIT_SLACK = 10.0
+
+
+def _family(port: IListeningPort) -> str:
+    host = port.getHost()
+    if isinstance(host, IPv6Address):
+        return "inet6"
+    if isinstance(host, IPv4Address):
+        return "inet"
+    if isinstance(host, UNIXAddress):
+        return "unix"
+    raise ConfigError("-", "listen", f"{host}: workers cannot share this kind of listener")
+
+
+class _Unused(Protocol):
+    """The parent never accepts on the listening sockets (it stops reading them at once)."""
+
+
+class FromWorker(amp.AMP):
+    """The parent's end of one worker's AMP connection: the guard, audit files, readiness. It
+    remembers what it counted for its worker, to release it if the worker dies."""
+
+    def __init__(self, pool: WorkerPool, worker: Worker) -> None:
+        super().__init__()
+        self._pool = pool
+        self._worker = worker
+        self._sessions: Counter[str | None] = Counter()  # admitted sessions by the address counted
+        self._users: Counter[str] = Counter()
+        self._pieces: dict[str, list[bytes]] = {}
+
+    @property
+    def _guard(self) -> Guard:
+        return self._pool.guard
+
+    @ipc.Admit.responder
+    def admit(self, host: str | None = None) -> dict[str, object]:
+        refusal = self._guard.admit(host)
+        if refusal is None:
+            self._sessions[host] += 1
+        return {"refusal": refusal}
+
+    @ipc.AdmitAddress.responder
+    def admit_address(self, host: str) -> dict[str, object]:
+        refusal = self._guard.admit_address(host)
+        if refusal is None and self._sessions[None] > 0:
+            self._sessions[None] -= 1  # the same session, now counted under its address
+            self._sessions[host] += 1
+        return {"refusal": refusal}
+
+    @ipc.Left.responder
+    def left(self, host: str | None = None) -> dict[str, object]:
+        if self._sessions[host] > 0:
+            self._sessions[host] -= 1
+            self._guard.left(host)
+        return {}
+
+    @ipc.UserAdmit.responder
+    def user_admit(self, user: str) -> dict[str, object]:
+        granted = self._guard.user_admit(user)
+        if granted:
+            self._users[user] += 1
+        return {"granted": granted}
+
+    @ipc.UserLeft.responder
+    def user_left(self, user: str) -> dict[str, object]:
+        if self._users[user] > 0:
+            self._users[user] -= 1
+            self._guard.user_left(user)
+        return {}
+
+    @ipc.LoginFailed.responder
+    def login_failed(self, host: str) -> dict[str, object]:
+        self._guard.login_failed(host)
+        return {}
+
+    @ipc.FailureDelay.responder
+    def failure_delay(self, host: str, failures: int) -> dict[str, object]:
+        return {"delay": self._guard.failure_delay(host, failures)}
+
+    @ipc.AuditRecord.responder
+    def audit_record(self, path: str, rotate: str, max_bytes: int, keep: int, piece: bytes,
+                     last: bool) -> dict[str, object]:
+        pieces = self._pieces.setdefault(path, [])
+        pieces.append(piece)
+        if sum(map(len, pieces)) > MAX_AUDIT_LINE:
+            del self._pieces[path]
+            log.error("worker {worker}: an audit line for {path} over {limit} octets was dropped",
+                      worker=self._worker.index, path=path, limit=MAX_AUDIT_LINE)
+            return {}
+        if last:
+            line = b"".join(self._pieces.pop(path)).decode("utf-8", "replace")
+            self._pool.audit_file(path, rotate, max_bytes, keep).write(line)
+        return {}
+
+    @ipc.Ready.responder
+    def ready(self) -> dict[str, object]:
+        self._worker.ready()
+        return {}
+
+    def release(self) -> None:
+        """The worker is gone: what it had counted is no longer in use."""
+        for host, count in self._sessions.items():
+            for _ in range(count):
+                self._guard.left(host)
+        for user, count in self._users.items():
+            for _ in range(count):
+                self._guard.user_left(user)
+        self._sessions.clear()
+        self._users.clear()
+        self._pieces.clear()
+
+
+class Worker(ProcessProtocol):
+    """One worker process: its AMP connection, its log lines, its end."""
+
+    def __init__(self, pool: WorkerPool, index: int) -> None:
+        self.pool = pool
+        self.index = index
+        self.amp: FromWorker | None = None
+        self.started = 0.0
+        self.is_ready = False
+        self.ended: Deferred[None] = Deferred()
+        self._out = bytearray()
+        self._err = bytearray()
+
+    @property
+    def pid(self) -> int | None:
+        return self.transport.pid if self.transport is not None else None
+
+    def ready(self) -> None:
+        self.is_ready = True
+        self.pool.worker_ready(self)
+
+    # -- its output: JSON log events on stdout, anything else on stderr ----------------------------
+
+    def outReceived(self, data: bytes) -> None:
+        for line in self._lines(self._out, data):
+            try:
+                event = eventFromJSON(line.decode("utf-8", "replace"))
+            except ValueError:
+                log.warn("worker {worker}: {line}", worker=self.index, line=line.decode("utf-8", "replace"))
+                continue
+            event["worker"] = self.index
+            event["worker_pid"] = self.pid
+            globalLogPublisher(event)
+
+    def errReceived(self, data: bytes) -> None:
+        for line in self._lines(self._err, data):
+            log.error("worker {worker}: {line}", worker=self.index, line=line.decode("utf-8", "replace"))
+
+    def _lines(self, buffer: bytearray, data: bytes) -> list[bytes]:
+        """Complete lines in ``buffer`` + ``data``; the partial last one stays, up to MAX_LOG_LINE."""
+        start = len(buffer)
+        buffer += data
+        end = buffer.rfind(b"\n", start)
+        if end < 0:
+            if len(buffer) > MAX_LOG_LINE:
+                log.warn("worker {worker}: a log line over {limit} octets was dropped", worker=self.index,
+                         limit=MAX_LOG_LINE)
+                buffer.clear()
+            return []
+        lines = bytes(buffer[:end]).split(b"\n")
+        del buffer[: end + 1]
+        return [line for line in lines if line.strip()]
+
+    def processEnded(self, reason: Failure) -> None:
+        if self.amp is not None:
+            self.amp.release()
+            if self.amp.transport is not None:
+                self.amp.transport.loseConnection()
+        self.ended.callback(None)
+        self.pool.worker_ended(self, reason)
+
+
+class WorkerPool(MultiService):
+    """The parent of ``config.process.workers`` worker processes. See the module docstring."""
+
+    def __init__(self, config: ProxyConfig, reactor: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.guard = Guard(config.limits, reactor)
+        self.ports: dict[str, IListeningPort] = {}
+        self.workers: dict[int, Worker] = {}
+        self._audit_files: dict[tuple[str, str, int, int], FileWriter] = {}
+        self._pauses: dict[int, float] = {}
+        self._stopping = False
+        self._ever_ready = False
+        self._previous_hup: Any = None
+
+    # -- start ---------------------------------------------------------------------------------------
+
+    def privilegedStartService(self) -> None:
+        """Bind every listener now, while twistd may still bind privileged ports."""
+        super().privilegedStartService()
+        for listener in self.config.listeners:
+            bound: list[Any] = []
+            serverFromString(self.reactor, listener.inner_endpoint).listen(Factory.forProtocol(_Unused)).addBoth(
+                bound.append
+            )
+            if isinstance(bound[0], Failure):
+                bound[0].raiseException()
+            port: IListeningPort = bound[0]
+            port.stopReading()  # type: ignore[attr-defined]  # the workers accept; the parent never does
+            self.ports[listener.key] = port
+
+    def startService(self) -> None:
+        super().startService()
+        log.info("popproxy parent serving {count} listener(s) from {config} with {workers} workers",
+                 count=len(self.config.listeners), config=str(self.config.path), workers=self.config.process.workers,
+                 event="workers_starting")
+        for index in range(1, self.config.process.workers + 1):
+            self._start_worker(index)
+        # As in ProxyService: hop onto the reactor before doing anything (the ``signal`` docs).
+        self._previous_hup = signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+
+    def _start_worker(self, index: int) -> None:
+        worker = Worker(self, index)
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            connection = FromWorker(self, worker)
+            worker.amp = connection
+            self.reactor.adoptStreamConnection(mine.fileno(), socket.AF_UNIX, Factory.forProtocol(lambda: connection))
+            child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r", 3: theirs.fileno()}
+            specs = []
+            for number, (key, port) in enumerate(self.ports.items(), start=4):
+                child_fds[number] = port.fileno()  # type: ignore[attr-defined]
+                specs.append(f"{key}={number}:{_family(port)}")
+            worker.started = self.reactor.seconds()
+            self.reactor.spawnProcess(
+                worker, sys.executable, [sys.executable, "-m", "popproxy.worker", str(self.config.path), str(index), *specs],
+                env=dict(os.environ), childFDs=child_fds,
+            )
+        finally:
+            mine.close()
+            theirs.close()
+        worker.transport.closeStdin()  # type: ignore[union-attr]
+        self.workers[index] = worker
+        log.info("worker {worker} started (pid {pid})", worker=index, pid=worker.pid, event="worker_started")
+
+    def worker_ready(self, worker: Worker) -> None:
+        self._ever_ready = True
+        self._pauses.pop(worker.index, None)
+        log.info("worker {worker} (pid {pid}) is serving", worker=worker.index, pid=worker.pid, event="worker_ready")
+
+    def worker_ended(self, worker: Worker, reason: Failure) -> None:
+        if self.workers.get(worker.index) is worker:
+            del self.workers[worker.index]
+        if self._stopping:
+            return
+        status = reason.value
+        how = (f"exit status {status.exitCode}" if isinstance(status, (ProcessDone, ProcessTerminated))
+               and status.signal is None else f"signal {getattr(status, 'signal', '?')}")
+        if not worker.is_ready and not self._ever_ready:
+            # No worker ever started serving (a configuration or key file it cannot read): restarting
+            # would fail the same way, so stop, with the worker's own error already in the log.
+            log.critical("worker {worker} failed to start ({how}) and none is serving: stopping",
+                         worker=worker.index, how=how, event="workers_failed")
+            self.reactor.stop()
+            return
+        lived = self.reactor.seconds() - worker.started
+        pause = 0.0
+        if lived < QUICK_DEATH:
+            pause = min(LONGEST_PAUSE, self._pauses.get(worker.index, FIRST_PAUSE / 2) * 2)
+            self._pauses[worker.index] = pause
+        log.warn("worker {worker} (pid {pid}) ended ({how}) after {lived:.1f}s; starting it again in {pause}s",
+                 worker=worker.index, pid=worker.pid, how=how, lived=lived, pause=pause, event="worker_died")
+        self.reactor.callLater(pause, self._restart, worker.index)
+
+    def _restart(self, index: int) -> None:
+        if not self._stopping and index not in self.workers:
+            self._start_worker(index)
+
+    # -- audit files ---------------------------------------------------------------------------------
+
+    def audit_file(self, path: str, rotate: str, max_bytes: int, keep: int) -> FileWriter:
+        """The one writer of the audit file ``path`` (opened at its first line, as a single process
+        opens it)."""
+        key = (path, rotate, max_bytes, keep)
+        writer = self._audit_files.get(key)
+        if writer is None:
+            for other in [k for k in self._audit_files if k[0] == path]:
+                self._audit_files.pop(other).close()  # the same file, other rotation settings (a reload)
+            writer = self._audit_files[key] = FileWriter(Path(path), rotate, max_bytes, keep)
+        return writer
+
+    # -- SIGHUP: all or nothing ----------------------------------------------------------------------
+
+    def reload(self) -> Deferred[bool]:
+        """Check the file, have every worker prepare it, then have all switch, or none."""
+        from .tap import validated_config
+
+        path = self.config.path
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            config = validated_config(str(path), digest)
+        except OSError as error:
+            return succeed(self._refused(f"{path}: cannot read: {error.strerror or error}"))
+        except ConfigError as error:
+            return succeed(self._refused(str(error)))
+        if config.process.workers != self.config.process.workers:
+            log.warn("reload: [process] workers changes take effect only after a restart")
+        workers = [worker for worker in self.workers.values() if worker.amp is not None]
+        asked = [worker.amp.callRemote(ipc.PrepareReload, digest=digest) for worker in workers if worker.amp]
+        answers: Deferred[list[tuple[bool, Any]]] = DeferredList(asked, consumeErrors=True)
+
+        def decide(results: list[tuple[bool, Any]]) -> Deferred[bool]:
+            errors = []
+            for worker, (succeeded, answer) in zip(workers, results, strict=True):
+                if not succeeded:
+                    errors.append(f"worker {worker.index}: {answer.getErrorMessage()}")
+                elif not answer["ok"]:
+                    errors.append(f"worker {worker.index}: {answer.get('error')}")
+            command = ipc.AbandonReload if errors else ipc.CommitReload
+            done = [worker.amp.callRemote(command) for worker in workers if worker.amp is not None]
+            if errors:
+                return DeferredList(done, consumeErrors=True).addCallback(lambda _: self._refused("; ".join(errors)))
+            self.config = config
+            self.guard.reconfigure(config.limits)
+            log.info("configuration reloaded from {config} by {count} worker(s)", config=str(path), count=len(workers),
+                     event="reloaded")
+            return DeferredList(done, consumeErrors=True).addCallback(lambda _: True)
+
+        return answers.addCallback(decide)
+
+    def _refused(self, error: str) -> bool:
+        log.error("reload refused, keeping the running configuration: {error}", error=error, event="reload_failed")
+        return False
+
+    # -- SIGTERM -------------------------------------------------------------------------------------
+
+    def stopService(self) -> Deferred[None]:
+        """Pass SIGTERM on; wait for every worker to finish its sessions; then close what is ours."""
+        self._stopping = True
+        if self._previous_hup is not None:
+            signal.signal(signal.SIGHUP, self._previous_hup)
+        super().stopService()
+        workers = list(self.workers.values())
+        for worker in workers:
+            try:
+                worker.transport.signalProcess("TERM")  # type: ignore[union-attr]
+            except Exception:  # already gone: its processEnded is on the way
+                pass
+        ended = gatherResults([worker.ended for worker in workers])
+        limit = self.config.limits.shutdown_grace + EXIT_SLACK
+        kill = self.reactor.callLater(limit, self._kill, workers)
+
+        def finish(_: object) -> Deferred[None]:
+            if kill.active():
+                kill.cancel()
+            stopped = [port.stopListening() for port in self.ports.values()]
+            for writer in self._audit_files.values():
+                writer.close()
+            self._audit_files.clear()
+            return gatherResults([d for d in stopped if d is not None]).addCallback(lambda _: None)
+
+        return ended.addCallback(finish)
+
+    def _kill(self, workers: list[Worker]) -> None:
+        for worker in workers:
+            if not worker.ended.called:
+                log.warn("worker {worker} (pid {pid}) did not exit in time: killed", worker=worker.index, pid=worker.pid)
+                try:
+                    worker.transport.signalProcess("KILL")  # type: ignore[union-attr]
+                except Exception:
+                    pass
