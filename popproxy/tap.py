@@ -7,6 +7,8 @@ The only module that reads the command line. Everything below it receives a vali
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
+from typing import Any
 
 from twisted.application.service import IService
 from twisted.python import usage
@@ -32,6 +34,8 @@ class Options(usage.Options):
     ]
 
     config: ProxyConfig
+    #: twistd's own options (``-u``, ``-g``, ...): ``usage.Options`` sets this on a subcommand's options
+    parent: usage.Options | None = None
 
     def postOptions(self) -> None:
         # Validation happens here, before twistd writes a PID file or daemonizes, so that a bad
@@ -68,9 +72,16 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     if options.config.process.workers > 1:
+        import pwd
+
         from .workers import WorkerPool
 
-        return WorkerPool(options.config, reactor)
+        # twistd's own -u/-g/--euid (this plugin's parent options): the workers drop to them too.
+        twistd: Mapping[str, Any] = options.parent or {}
+        uid, gid = twistd.get("uid"), twistd.get("gid")
+        if uid is not None and gid is None:
+            gid = pwd.getpwuid(uid).pw_gid  # as twistd does
+        return WorkerPool(options.config, reactor, uid, gid, bool(twistd.get("euid")))
     from .service import ProxyService
 
     return ProxyService(options.config, reactor)

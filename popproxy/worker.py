@@ -1,13 +1,14 @@
 """One worker process of ``[process] workers = N``; started by ``popproxy.workers``, never by hand.
 
-``python -m popproxy.worker CONFIG INDEX KEY=FD:FAMILY ...``
+``python -m popproxy.worker CONFIG INDEX UID GID uid|euid KEY=FD:FAMILY ...``
 
 File descriptor 3 is the AMP connection to the parent (``popproxy.ipc``); each ``KEY=FD:FAMILY``
 is a listening socket the parent bound for the listener ``KEY``, adopted here with
-``IReactorSocket.adoptStreamPort``. Log events go to standard output as JSON lines, which the parent
-publishes as its own with ``worker`` added. The worker reads the configuration and its key files
-itself, after the parent dropped privileges: the same rule as for a reload (the files must be
-readable by the user popproxy runs as).
+``IReactorSocket.adoptStreamPort``. ``UID``/``GID`` are twistd's ``-u``/``-g`` (``-`` for none):
+the worker switches to them as twistd does, before it reads the configuration and its key files,
+so it reads them as a reload does (the files must be readable by the user popproxy runs as). Log
+events go to standard output as JSON lines, which the parent publishes as its own with ``worker``
+added.
 
 SIGTERM (and SIGINT) stop the worker as they stop a single-process proxy: listening ends, sessions
 get ``shutdown_grace`` seconds. SIGHUP is ignored: reloads come from the parent, over AMP, so that
@@ -23,11 +24,19 @@ import sys
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorCore, IReactorSocket, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorCore,
+    IReactorFromThreads,
+    IReactorSocket,
+    IStreamServerEndpoint,
+)
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
 from twisted.protocols import amp
 from twisted.python.failure import Failure
+from twisted.python.util import switchUID
 from zope.interface import implementer
 
 from . import ipc
@@ -104,19 +113,22 @@ def parse_listeners(specs: list[str]) -> dict[str, tuple[int, socket.AddressFami
 
 
 def main(argv: list[str]) -> int:
-    config_path, index, *specs = argv
+    config_path, index, uid, gid, which, *specs = argv
     globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout, recordSeparator="")], redirectStandardIO=False)
     # Reloads come from the parent; a SIGHUP from a shell's job control must not end the worker.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     from twisted.internet import reactor
 
-    from .hooks import audit
+    # Everything a worker runs is imported before the privilege drop (the built-in hooks too).
+    from .hooks import archive, audit, rewrite, rspamd, spamassassin  # noqa: F401
     from .service import ProxyService
     from .tap import validated_config
 
     parent = ToParent()
     reactor.adoptStreamConnection(PARENT_FD, socket.AF_UNIX, Factory.forProtocol(lambda: parent))  # type: ignore[attr-defined]
+    if uid != "-" or gid != "-":
+        switchUID(None if uid == "-" else int(uid), None if gid == "-" else int(gid), which == "euid")
     try:
         config = validated_config(config_path)
     except ConfigError as error:
@@ -132,12 +144,28 @@ def main(argv: list[str]) -> int:
     service = ProxyService(config, reactor, handle_signals=False, guard=ipc.RemoteGuard(parent), endpoints=endpoints)
     parent.service = service
     core: IReactorCore = reactor
+    threads: IReactorFromThreads = reactor  # type: ignore[assignment]
     service.privilegedStartService()
     service.startService()
     core.addSystemEventTrigger("before", "shutdown", service.stopService)
-    parent.lost.addCallback(lambda _: core.stop() if core.running else None)
+    stopping: list[str] = []
+
+    def stop(why: str) -> None:
+        """Stop once, whatever asks first: the parent's SIGTERM, a terminal's SIGINT to the whole
+        process group, or the parent's end."""
+        if not stopping:
+            stopping.append(why)
+            log.info("worker {worker}: {why}, stopping", worker=index, why=why)
+            core.stop()
+
+    # Our own handlers instead of the reactor's (installSignalHandlers=False below), which would
+    # try to stop the reactor a second time when SIGTERM and SIGINT both come. The ``signal``
+    # docs: handlers run between bytecodes, so hop onto the reactor first.
+    for number, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
+        signal.signal(number, lambda *_, name=name: threads.callFromThread(stop, f"received {name}"))
+    parent.lost.addCallback(lambda _: stop("the parent is gone"))
     parent.callRemote(ipc.Ready)
-    core.run()
+    core.run(installSignalHandlers=False)  # type: ignore[call-arg]
     return 0
 
 

@@ -5,9 +5,12 @@ One Python process runs on one core. With N workers the parent (the ``twistd`` p
 - binds every listener in ``privilegedStartService``, before twistd drops privileges, and never
   accepts on them itself; each worker adopts the same listening sockets
   (``IReactorSocket.adoptStreamPort``) and the kernel hands each new connection to one of them;
-- starts the workers (``python -m popproxy.worker``) once privileges are dropped, so they run as the
-  same user, and starts a worker again when one dies (after a pause that grows while they keep dying
-  at once);
+- starts the workers (``python -m popproxy.worker``) right after binding, and tells them twistd's
+  ``-u``/``-g``: each drops to that user itself (``twisted.python.util.switchUID``, as twistd does)
+  before it reads the configuration. It starts a worker again when one dies (after a pause that
+  grows while they keep dying at once); by then the parent has dropped privileges, so the Python
+  interpreter and popproxy must be readable and executable by that user (as a package installed
+  system-wide is);
 - keeps the one session guard (``protocol.guard.Guard``): caps on sessions in all, per address and
   per user, and login-failure penalties hold across workers because only the parent counts. The
   workers ask it over AMP (``popproxy.ipc``); what a dead worker had counted is released;
@@ -241,10 +244,13 @@ class Worker(ProcessProtocol):
 class WorkerPool(MultiService):
     """The parent of ``config.process.workers`` worker processes. See the module docstring."""
 
-    def __init__(self, config: ProxyConfig, reactor: Any) -> None:
+    def __init__(self, config: ProxyConfig, reactor: Any, uid: int | None = None, gid: int | None = None,
+                 euid: bool = False) -> None:
+        """``uid``, ``gid``, ``euid``: twistd's ``-u``, ``-g`` and ``--euid``, for the workers."""
         super().__init__()
         self.config = config
         self.reactor = reactor
+        self._ids = ("-" if uid is None else str(uid), "-" if gid is None else str(gid), "euid" if euid else "uid")
         self.guard = Guard(config.limits, reactor)
         self.ports: dict[str, IListeningPort] = {}
         self.workers: dict[int, Worker] = {}
@@ -261,26 +267,29 @@ class WorkerPool(MultiService):
         super().privilegedStartService()
         for listener in self.config.listeners:
             bound: list[Any] = []
-            serverFromString(self.reactor, listener.inner_endpoint).listen(Factory.forProtocol(_Unused)).addBoth(
-                bound.append
-            )
+            unused = Factory.forProtocol(_Unused)
+            unused.noisy = False
+            serverFromString(self.reactor, listener.inner_endpoint).listen(unused).addBoth(bound.append)
             if isinstance(bound[0], Failure):
                 bound[0].raiseException()
             port: IListeningPort = bound[0]
             port.stopReading()  # type: ignore[attr-defined]  # the workers accept; the parent never does
             self.ports[listener.key] = port
-
-    def startService(self) -> None:
-        super().startService()
         log.info("popproxy parent serving {count} listener(s) from {config} with {workers} workers",
                  count=len(self.config.listeners), config=str(self.config.path), workers=self.config.process.workers,
                  event="workers_starting")
+        # Started while this process may still be root, so that starting them works wherever the
+        # interpreter lives; each drops privileges itself before it reads a file.
         for index in range(1, self.config.process.workers + 1):
             self._start_worker(index)
+
+    def startService(self) -> None:
+        super().startService()
         # As in ProxyService: hop onto the reactor before doing anything (the ``signal`` docs).
         self._previous_hup = signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
 
-    def _start_worker(self, index: int) -> None:
+    def _start_worker(self, index: int) -> bool:
+        """Start worker ``index``; False (logged) if the process could not be started at all."""
         worker = Worker(self, index)
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -293,16 +302,22 @@ class WorkerPool(MultiService):
                 child_fds[number] = port.fileno()  # type: ignore[attr-defined]
                 specs.append(f"{key}={number}:{_family(port)}")
             worker.started = self.reactor.seconds()
-            self.reactor.spawnProcess(
-                worker, sys.executable, [sys.executable, "-m", "popproxy.worker", str(self.config.path), str(index), *specs],
-                env=dict(os.environ), childFDs=child_fds,
-            )
+            arguments = [sys.executable, "-m", "popproxy.worker", str(self.config.path), str(index), *self._ids, *specs]
+            self.reactor.spawnProcess(worker, sys.executable, arguments, env=dict(os.environ), childFDs=child_fds)
+        except OSError as error:
+            log.critical("cannot start worker {worker}: {error} (the Python interpreter and popproxy must be "
+                         "readable and executable by the user popproxy runs as)", worker=index, error=str(error),
+                         event="worker_failed")
+            if connection.transport is not None:
+                connection.transport.loseConnection()
+            return False
         finally:
             mine.close()
             theirs.close()
         worker.transport.closeStdin()  # type: ignore[union-attr]
         self.workers[index] = worker
         log.info("worker {worker} started (pid {pid})", worker=index, pid=worker.pid, event="worker_started")
+        return True
 
     def worker_ready(self, worker: Worker) -> None:
         self._ever_ready = True
@@ -334,8 +349,12 @@ class WorkerPool(MultiService):
         self.reactor.callLater(pause, self._restart, worker.index)
 
     def _restart(self, index: int) -> None:
-        if not self._stopping and index not in self.workers:
-            self._start_worker(index)
+        if self._stopping or index in self.workers:
+            return
+        if not self._start_worker(index):
+            pause = min(LONGEST_PAUSE, self._pauses.get(index, FIRST_PAUSE / 2) * 2)
+            self._pauses[index] = pause
+            self.reactor.callLater(pause, self._restart, index)
 
     # -- audit files ---------------------------------------------------------------------------------
 

@@ -53,7 +53,11 @@ def workdir() -> Iterator[Path]:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_binds_privileged_ports_then_runs_unprivileged(workdir: Path, dovecot: DovecotServer, ca: CertificateAuthority) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_binds_privileged_ports_then_runs_unprivileged(workdir: Path, dovecot: DovecotServer, ca: CertificateAuthority,
+                                                       workers: int) -> None:
+    """With ``workers = 2`` the parent binds and the workers, started after the drop, run as the
+    unprivileged user too and read the group-readable key themselves."""
     if os.geteuid() != 0:
         pytest.fail("this test starts twistd as root, as admins do; run the suite as root (CI does)", pytrace=False)
     uid, gid = pwd.getpwnam(USER).pw_uid, grp.getgrnam(GROUP).gr_gid
@@ -69,6 +73,7 @@ def test_binds_privileged_ports_then_runs_unprivileged(workdir: Path, dovecot: D
     os.chown(audit, uid, gid)
     config = workdir / "popproxy.toml"
     config.write_text(
+        f'[process]\nworkers = {workers}\n'
         f'[[listen]]\nendpoint = "tcp:{plain}:interface=127.0.0.1"\ntls = "none"\n'
         f'[[listen]]\nendpoint = "tcp:{implicit}:interface=127.0.0.1"\ntls = "implicit"\ncertificate = "{certificate}"\n'
         f'[upstream.dovecot]\naddress = "127.0.0.1:{dovecot.plain_port}"\ntls = "none"\n'
@@ -80,6 +85,13 @@ def test_binds_privileged_ports_then_runs_unprivileged(workdir: Path, dovecot: D
     dave = dovecot.users["dave"]
     try:
         assert _ids(proxy.process.pid) == (uid, gid)
+        if workers > 1:
+            deadline = time.monotonic() + 30
+            while len([e for e in proxy.events() if e.get("event") == "worker_ready"]) < workers:
+                assert time.monotonic() < deadline, proxy.log()[-2000:]
+                time.sleep(0.05)
+            pids = [int(e["pid"]) for e in proxy.events() if e.get("event") == "worker_started"]  # type: ignore[call-overload]
+            assert len(pids) == workers and all(_ids(pid) == (uid, gid) for pid in pids)
         # It serves, over TLS too (the key was loaded before the drop).
         for _ in range(4):  # enough records to rotate the audit log as the unprivileged user
             with socket.create_connection(("127.0.0.1", implicit), timeout=10) as plain_socket:
@@ -97,7 +109,10 @@ def test_binds_privileged_ports_then_runs_unprivileged(workdir: Path, dovecot: D
     finally:
         status = proxy.stop()
     assert status == -signal.SIGTERM
-    assert [e["event"] for e in proxy.events() if e.get("event") in ("reloaded", "reload_failed")] == ["reloaded"]
+    reloads = [(e["event"], e.get("worker")) for e in proxy.events() if e.get("event") in ("reloaded", "reload_failed")]
+    # one process; or the parent and then every worker
+    expected = [("reloaded", None)] + ([("reloaded", n) for n in range(1, workers + 1)] if workers > 1 else [])
+    assert sorted(reloads, key=str) == sorted(expected, key=str)
     rotated = sorted(p.name for p in audit.iterdir())
     assert "audit.jsonl" in rotated and "audit.jsonl.1" in rotated
     for path in audit.iterdir():

@@ -329,3 +329,51 @@ def test_a_dead_worker_is_started_again_and_its_counts_released(proxy: ProxyProc
         log_in(proxy.ports[0])
     for client in survivors + again:
         client.quit()
+
+
+def test_proxy_protocol_addresses_are_counted_by_the_parent(tmp_path: Path, dovecot: DovecotServer) -> None:
+    """Behind a load balancer the client's address arrives in the PROXY header; the worker asks the
+    parent to count it there (the session's bytes wait for the answer), so the per-address cap holds
+    for the real client address across workers, while other addresses still get in."""
+    port = free_port()
+    config = tmp_path / "popproxy.toml"
+    config.write_text(
+        f'[process]\nworkers = {WORKERS}\n'
+        f'[[listen]]\nendpoint = "haproxy:tcp:{port}:interface=127.0.0.1"\ntls = "none"\nproxy_from = ["127.0.0.0/8"]\n'
+        f'[upstream.main]\naddress = "127.0.0.1:{dovecot.plain_port}"\ntls = "none"\n'
+        f'[routing]\ndefault = "main"\n[limits]\nmax_sessions_per_ip = 1\nproxy_header_timeout = 5\n'
+    )
+    process = ProxyProcess(config, [port], tmp_path, json=True)
+    held: list[socket.socket] = []
+
+    def connect(client: str, then: bytes = b"") -> tuple[socket.socket, bytes]:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+        # The header and a first command in one segment: the command must wait for the parent's answer.
+        sock.sendall(f"PROXY TCP4 {client} 127.0.0.1 40000 110\r\n".encode() + then)
+        reader = sock.makefile("rb")
+        answer = reader.readline() + (reader.readline() if then else b"")
+        reader.close()
+        return sock, answer
+
+    try:
+        wait_serving(process)
+        first, answer = connect("192.0.2.7", b"USER dave\r\n")
+        held.append(first)
+        assert answer == b"+OK POP3 proxy ready.\r\n+OK\r\n"
+
+        def same_address() -> None:
+            sock, answer = connect("192.0.2.7", b"NOOP\r\n")
+            with sock:
+                assert b"-ERR [SYS/TEMP] Too many sessions" in answer, answer
+            time.sleep(0.05)
+
+        until_both(process, "refused: {refusal}", same_address)
+        other, answer = connect("192.0.2.8", b"USER dave\r\n")
+        held.append(other)
+        assert answer == b"+OK POP3 proxy ready.\r\n+OK\r\n"
+        refusals = [e for e in process.events() if e.get("refusal")]
+        assert {e["peer_host"] for e in refusals} == {"192.0.2.7"}
+    finally:
+        for sock in held:
+            sock.close()
+        process.stop()
