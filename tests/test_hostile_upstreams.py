@@ -782,9 +782,6 @@ def tls_server_context(tmp_path: Path, leaf: IssuedCertificate) -> ssl.SSLContex
     return context
 
 
-CAPA_STLS = b"+OK Capability list follows\r\nUSER\r\nSTLS\r\n.\r\n"
-
-
 @pytest.mark.parametrize(
     ("injection", "discarded", "logs_in"),
     [
@@ -803,7 +800,7 @@ async def test_response_injected_around_stls_never_answers_a_command(
         tmp_path: Path, ca: CertificateAuthority, leaf: IssuedCertificate, events: list[dict[str, Any]],
         injection: list[Any], discarded: int, logs_in: bool) -> None:
     context = tls_server_context(tmp_path, leaf)
-    steps = [greeting(), Answer(b"CAPA", CAPA_STLS), Expect(b"STLS"), *injection, StartTLS(context),
+    steps = [greeting(), Expect(b"STLS"), *injection, StartTLS(context),
              Answer(b"CAPA", CAPA), Answer(b"USER", b"+OK\r\n"), Answer(b"PASS", b"+OK\r\n"),
              Answer(b"STAT", b"+OK 1 42\r\n")]
     async with scripted(steps) as upstream, running(tmp_path, upstream.address, upstream_tls="starttls", ca=ca) as proxy:
@@ -821,12 +818,12 @@ async def test_response_injected_around_stls_never_answers_a_command(
     if logs_in:
         assert answer == b"+OK Logged in.\r\n"
         assert stat == b"+OK 1 42\r\n"  # the upstream's own answer, not the injected one
-        assert upstream.received[:5] == [b"CAPA", b"STLS", b"CAPA", b"USER victim", b"PASS victim-pw"]
+        assert upstream.received[:4] == [b"STLS", b"CAPA", b"USER victim", b"PASS victim-pw"]
     else:
         # The injected bytes went into the TLS layer, which refused them: fail closed.
         assert answer == UPSTREAM_DOWN
         assert stat.startswith(b"-ERR")  # not logged in
-        assert upstream.received == [b"CAPA", b"STLS"]  # no credentials, in the clear or otherwise
+        assert upstream.received == [b"STLS"]  # no credentials, in the clear or otherwise
         failure = [e for e in session_of(events) if e.get("event") == "login"][-1]
         assert "TLS handshake failed" in failure["reason"]
     assert [w["count"] for w in warnings] == ([discarded] if discarded else [])

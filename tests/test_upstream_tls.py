@@ -163,10 +163,12 @@ async def test_unverifiable_upstream_gets_no_credentials(
 @pytest_twisted.ensureDeferred
 async def test_upstream_without_stls_gets_no_credentials(tmp_path: Path, ca: CertificateAuthority,
                                                           leaf: IssuedCertificate, events: list[dict[str, Any]]) -> None:
-    answers, fake = await run(tmp_path, ca, "starttls", leaf, LOGIN, offer_stls=False)
+    """An RFC 1939 server that knows no STLS: the proxy asks for STLS first (no CAPA before TLS,
+    RFC 2595 §4), gets -ERR, and sends nothing more."""
+    answers, fake = await run(tmp_path, ca, "starttls", leaf, LOGIN, offer_stls=False, accept_stls=False)
     assert answers[2].startswith(b"-ERR [SYS/TEMP] ")
-    assert fake.received == [b"CAPA"]
-    assert "does not offer STLS" in login_failures(events)[-1]["reason"]
+    assert fake.received == [b"STLS"]
+    assert "refused STLS" in login_failures(events)[-1]["reason"]
 
 
 @pytest_twisted.ensureDeferred
@@ -174,7 +176,7 @@ async def test_upstream_refusing_stls_gets_no_credentials(tmp_path: Path, ca: Ce
                                                            leaf: IssuedCertificate, events: list[dict[str, Any]]) -> None:
     answers, fake = await run(tmp_path, ca, "starttls", leaf, LOGIN, accept_stls=False)
     assert answers[2].startswith(b"-ERR [SYS/TEMP] ")
-    assert fake.received == [b"CAPA", b"STLS"]
+    assert fake.received == [b"STLS"]
     assert "refused STLS" in login_failures(events)[-1]["reason"]
 
 
@@ -189,7 +191,7 @@ async def test_response_injected_after_stls_is_discarded(tmp_path: Path, ca: Cer
     assert answers[2] == b"+OK Logged in.\r\n"
     assert answers[3] == b"+OK 1 %d\r\n" % len(MESSAGE)
     assert answers[4] == b"+OK %d octets\r\n" % len(MESSAGE) + wire_body(MESSAGE)
-    assert fake.received[:3] == [b"CAPA", b"STLS", b"CAPA"]
+    assert fake.received[:3] == [b"STLS", b"CAPA", b"USER alice"]
     warnings = [e for e in events if "plain text after +OK to STLS" in str(e.get("log_format", ""))]
     assert warnings and warnings[-1]["count"] == len(injected)
 

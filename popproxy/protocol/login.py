@@ -1,5 +1,6 @@
-"""Logging in upstream, as a machine with no I/O and no Twisted: greeting, CAPA, STLS, USER, PASS,
-and LIST and UIDL when the hooks need them.
+"""Logging in upstream, as a machine with no I/O and no Twisted: greeting, then STLS and the TLS
+handshake where the upstream is configured for it, CAPA, USER, PASS, and LIST and UIDL when the
+hooks need them.
 
 Each answer is collected whole and bounded. Requests go one at a time, except that USER and PASS
 (and LIST and UIDL, when asked for) go in one write where the upstream's CAPA lists PIPELINING
@@ -157,16 +158,15 @@ class UpstreamLogin:
         if step is Step.GREETING:
             if not is_ok(status):
                 self._fail("greeting was not +OK")
+            elif self._starttls:
+                # STLS at once: RFC 2595 §4 has the client forget every capability learnt before
+                # TLS, so a CAPA before STLS would only cost a round trip. An upstream without STLS
+                # answers -ERR, and nothing else is ever sent to it.
+                self._ask((Step.STLS, b"STLS"))
             else:
                 self._ask((Step.CAPA, b"CAPA"))
         elif step is Step.CAPA:
             names = capa.names(lines) if is_ok(status) else frozenset()
-            if self._starttls and not self._tls_done:
-                if b"STLS" not in names:
-                    self._fail("upstream does not offer STLS")
-                else:
-                    self._ask((Step.STLS, b"STLS"))
-                return
             self.capabilities = lines if is_ok(status) else []
             requests = [(Step.USER, b"USER " + self._name)]
             if b"PIPELINING" in names:
@@ -176,7 +176,7 @@ class UpstreamLogin:
             self._ask(*requests)
         elif step is Step.STLS:
             if not is_ok(status):
-                self._fail("upstream refused STLS")
+                self._fail("upstream refused STLS (does it offer it?)")
                 return
             # RFC 2595 §4 / RFC 3207 §6: whatever followed the +OK in plain text was not protected
             # by TLS; a man in the middle may have appended answers to commands not sent yet.

@@ -1,7 +1,7 @@
 """The upstream leg: one connection to the POP3 server chosen for the user.
 
 ``UpstreamProtocol`` is glue twice over. While logging in it carries out what the login machine
-(``login.UpstreamLogin``: greeting, CAPA, optional STLS, USER, PASS, and LIST and UIDL when the hooks
+(``login.UpstreamLogin``: greeting, optional STLS, CAPA, USER, PASS, and LIST and UIDL when the hooks
 need them) decides. Once logged in it is *attached* to the session (``attach``): it hands every byte
 to the session machine, which parses and pairs the answers, and writes what the machine sends.
 """
