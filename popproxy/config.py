@@ -438,29 +438,38 @@ class ProxyConfig:
     process: ProcessConfig = ProcessConfig()
 
 
-def load_config(path: str | os.PathLike[str], digest: str | None = None) -> ProxyConfig:
+def load_config(path: str | os.PathLike[str], data: bytes | None = None) -> ProxyConfig:
     """Read and validate the configuration file at ``path``.
 
     The path is made absolute first, so relative file names inside it keep meaning the same
     files after the process changes directory (twistd's ``--rundir``) and on reload.
 
-    With ``digest``, the file must be the one whose SHA-256 it is (the parent of several workers
-    checked that file, and each worker must load the same).
+    ``data``: the file's content, read before (a worker is given what its parent checked, so that
+    every worker runs the same configuration whatever the file holds now).
 
     :raises ConfigError: for any problem, an unreadable file included (key ``-``).
     """
     path = Path(path).absolute()
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise ConfigError(path, "-", f"cannot read: {error.strerror or error}") from None
-    if digest is not None and hashlib.sha256(data).hexdigest() != digest:
-        raise ConfigError(path, "-", "changed while it was being reloaded; reload again")
+    if data is None:
+        data = read_config(path)
     try:
         text = data.decode("utf-8")  # TOML 1.0: "A TOML file must be a valid UTF-8 encoded Unicode document"
     except UnicodeDecodeError as error:
         raise ConfigError(path, "-", f"not UTF-8: {error}") from None
     return parse_config(text, path)
+
+
+def read_config(path: Path) -> bytes:
+    """The configuration file's bytes. :raises ConfigError: if it cannot be read (key ``-``)."""
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise ConfigError(path, "-", f"cannot read: {error.strerror or error}") from None
+
+
+def config_digest(data: bytes) -> str:
+    """What names one version of a configuration file between a parent and its workers."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def parse_config(text: str, path: Path) -> ProxyConfig:

@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
 from twisted.logger import Logger
 
-from .config import ConfigError, ProxyConfig
+from .config import ConfigError, ProxyConfig, config_digest, read_config
 from .hooks.registry import BuiltHook, build_hooks
 from .listeners import listener_service
 from .protocol.client import SessionSettings
@@ -150,12 +150,15 @@ class ProxyService(MultiService):
 
     def prepare_reload(self, digest: str | None = None) -> PreparedReload | str:
         """The first half of a reload: read and build everything, use nothing. Returns what was
-        built, or why the configuration cannot be used. With ``digest``, the file must still be the
-        one its SHA-256 names (the parent of several workers read it first)."""
+        built, or why the configuration cannot be used. With ``digest`` (``config.config_digest``),
+        the file must still be the one the parent of several workers checked."""
         from .tap import validated_config  # the same checks as at start
 
         try:
-            config = validated_config(str(self.config.path), digest)
+            data = read_config(self.config.path)
+            if digest is not None and config_digest(data) != digest:
+                raise ConfigError(self.config.path, "-", "changed while it was being reloaded; reload again")
+            config = validated_config(str(self.config.path), data)
             hooks = build_hooks(config)
             server_tls = {
                 listener.key: ServerTLS.from_listener(listener, config.path)

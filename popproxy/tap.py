@@ -50,17 +50,17 @@ class Options(usage.Options):
             raise SystemExit(0)
 
 
-def validated_config(path: str, digest: str | None = None) -> ProxyConfig:
+def validated_config(path: str, data: bytes | None = None) -> ProxyConfig:
     """Load ``path`` and check everything that can be checked without listening: endpoint strings
     every TLS context (a certificate that does not match its key fails here, not at the first
-    handshake), and every hook."""
+    handshake), and every hook. ``data``: the file's content, if it was read already."""
     from twisted.internet import reactor
 
     from .hooks.registry import build_hooks
     from .listeners import check_endpoints
     from .tls import check_tls
 
-    config = load_config(path, digest)
+    config = load_config(path, data)
     check_endpoints(reactor, config)
     check_tls(config)
     for built in build_hooks(config):  # every hook's own settings, and that it loads at all

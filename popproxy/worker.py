@@ -1,12 +1,13 @@
 """One worker process of ``[process] workers = N``; started by ``popproxy.workers``, never by hand.
 
-``python -m popproxy.worker CONFIG INDEX UID GID uid|euid KEY=FD:FAMILY ...``
+``python -m popproxy.worker CONFIG INDEX UID GID uid|euid KEY=FD:FAMILY ...``, the content of the
+configuration file CONFIG on standard input.
 
 File descriptor 3 is the AMP connection to the parent (``popproxy.ipc``); each ``KEY=FD:FAMILY``
 is a listening socket the parent bound for the listener ``KEY``, adopted here with
 ``IReactorSocket.adoptStreamPort``. ``UID``/``GID`` are twistd's ``-u``/``-g`` (``-`` for none):
-the worker switches to them as twistd does, before it reads the configuration and its key files,
-so it reads them as a reload does (the files must be readable by the user popproxy runs as). Log
+the worker switches to them as twistd does, before it checks the configuration and reads its key
+files, so it reads them as a reload does (they must be readable by the user popproxy runs as). Log
 events go to standard output as JSON lines, which the parent publishes as its own with ``worker``
 added.
 
@@ -114,6 +115,7 @@ def parse_listeners(specs: list[str]) -> dict[str, tuple[int, socket.AddressFami
 
 def main(argv: list[str]) -> int:
     config_path, index, uid, gid, which, *specs = argv
+    data = sys.stdin.buffer.read()  # the configuration the parent runs (to the end of standard input)
     globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout, recordSeparator="")], redirectStandardIO=False)
     # Reloads come from the parent; a SIGHUP from a shell's job control must not end the worker.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -130,7 +132,7 @@ def main(argv: list[str]) -> int:
     if uid != "-" or gid != "-":
         switchUID(None if uid == "-" else int(uid), None if gid == "-" else int(gid), which == "euid")
     try:
-        config = validated_config(config_path)
+        config = validated_config(config_path, data)
     except ConfigError as error:
         log.critical("worker {worker}: configuration error: {error}", worker=index, error=str(error),
                      event="worker_failed")

@@ -20,7 +20,9 @@ One Python process runs on one core. With N workers the parent (the ``twistd`` p
   ``worker`` added, so ``--logfile`` and ``--logger`` see one log;
 - on SIGHUP, reloads all or nothing: it checks the file, every worker prepares it (reads it, checks
   it is the same file by its SHA-256, builds hooks and TLS contexts), and only if every worker could
-  do all of this do they all switch (``PrepareReload``, then ``CommitReload`` or ``AbandonReload``);
+  do all of this do they all switch (``PrepareReload``, then ``CommitReload`` or ``AbandonReload``).
+  A worker started later is given the configuration the others run (on its standard input), never
+  a file a reload refused;
 - on SIGTERM, passes SIGTERM to every worker (they stop listening and give sessions
   ``shutdown_grace`` seconds, as one process does) and exits when they have.
 
@@ -31,7 +33,6 @@ share a ticket key), so a client that resumes on another worker gets a full hand
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import socket
@@ -52,7 +53,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from . import ipc
-from .config import ConfigError, ProxyConfig
+from .config import ConfigError, ProxyConfig, config_digest, read_config
 from .hooks.audit import FileWriter
 from .protocol.guard import Guard
 
@@ -188,13 +189,10 @@ class Worker(ProcessProtocol):
         self.amp: FromWorker | None = None
         self.started = 0.0
         self.is_ready = False
+        self.pid: int | None = None  # kept after the process is gone, for the log
         self.ended: Deferred[None] = Deferred()
         self._out = bytearray()
         self._err = bytearray()
-
-    @property
-    def pid(self) -> int | None:
-        return self.transport.pid if self.transport is not None else None
 
     def ready(self) -> None:
         self.is_ready = True
@@ -249,6 +247,9 @@ class WorkerPool(MultiService):
         """``uid``, ``gid``, ``euid``: twistd's ``-u``, ``-g`` and ``--euid``, for the workers."""
         super().__init__()
         self.config = config
+        # The configuration the workers run, as bytes: a worker (re)started is given these rather
+        # than reading the file, which may hold a version a reload refused.
+        self._data = read_config(config.path)
         self.reactor = reactor
         self._ids = ("-" if uid is None else str(uid), "-" if gid is None else str(gid), "euid" if euid else "uid")
         self.guard = Guard(config.limits, reactor)
@@ -303,7 +304,9 @@ class WorkerPool(MultiService):
                 specs.append(f"{key}={number}:{_family(port)}")
             worker.started = self.reactor.seconds()
             arguments = [sys.executable, "-m", "popproxy.worker", str(self.config.path), str(index), *self._ids, *specs]
-            self.reactor.spawnProcess(worker, sys.executable, arguments, env=dict(os.environ), childFDs=child_fds)
+            process = self.reactor.spawnProcess(worker, sys.executable, arguments, env=dict(os.environ),
+                                                childFDs=child_fds)
+            worker.pid = process.pid
         except OSError as error:
             log.critical("cannot start worker {worker}: {error} (the Python interpreter and popproxy must be "
                          "readable and executable by the user popproxy runs as)", worker=index, error=str(error),
@@ -314,6 +317,7 @@ class WorkerPool(MultiService):
         finally:
             mine.close()
             theirs.close()
+        worker.transport.write(self._data)  # type: ignore[union-attr]
         worker.transport.closeStdin()  # type: ignore[union-attr]
         self.workers[index] = worker
         log.info("worker {worker} started (pid {pid})", worker=index, pid=worker.pid, event="worker_started")
@@ -377,12 +381,11 @@ class WorkerPool(MultiService):
 
         path = self.config.path
         try:
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            config = validated_config(str(path), digest)
-        except OSError as error:
-            return succeed(self._refused(f"{path}: cannot read: {error.strerror or error}"))
+            data = read_config(path)
+            config = validated_config(str(path), data)
         except ConfigError as error:
             return succeed(self._refused(str(error)))
+        digest = config_digest(data)
         if config.process.workers != self.config.process.workers:
             log.warn("reload: [process] workers changes take effect only after a restart")
         workers = [worker for worker in self.workers.values() if worker.amp is not None]
@@ -400,7 +403,7 @@ class WorkerPool(MultiService):
             done = [worker.amp.callRemote(command) for worker in workers if worker.amp is not None]
             if errors:
                 return DeferredList(done, consumeErrors=True).addCallback(lambda _: self._refused("; ".join(errors)))
-            self.config = config
+            self.config, self._data = config, data  # what a worker started from now on runs
             self.guard.reconfigure(config.limits)
             log.info("configuration reloaded from {config} by {count} worker(s)", config=str(path), count=len(workers),
                      event="reloaded")

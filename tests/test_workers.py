@@ -377,3 +377,22 @@ def test_proxy_protocol_addresses_are_counted_by_the_parent(tmp_path: Path, dove
         for sock in held:
             sock.close()
         process.stop()
+
+
+def test_a_worker_started_after_a_refused_reload_runs_what_the_others_run(proxy: ProxyProcess) -> None:
+    """The file on disk is broken and the reload was refused; a worker that dies now must come back
+    with the running configuration, not fail on the file (or load a half-edited one)."""
+    config = proxy.config
+    good = config.read_text()
+    config.write_text(good + "\n[limits\n")  # a TOML syntax error
+    proxy.process.send_signal(signal.SIGHUP)
+    assert "TOML syntax error" in str(wait_for_event(proxy, "reload_failed")["error"])
+    pids = worker_pids(proxy)
+    os.kill(pids[1], signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while worker_pids(proxy)[1] == pids[1]:
+        assert time.monotonic() < deadline, "worker 1 was not started again"
+        time.sleep(0.05)
+    wait_serving(proxy, count=WORKERS + 1)
+    until_both(proxy, "logged in to", lambda: log_in(proxy.ports[0]).quit())
+    assert not [e for e in proxy.events() if e.get("event") == "worker_failed"]
