@@ -233,25 +233,28 @@ def test_a_guard_in_another_process_answers_later_and_the_session_waits(tmp_path
     assert ReleaseUser("alice") in h.effects
 
 
-def test_a_refused_slot_answers_in_use_and_a_late_slot_after_a_hang_up_is_given_back(tmp_path: Path) -> None:
+def waiting_for_a_slot(tmp_path: Path) -> Harness:
+    """A login that landed upstream; the guard (elsewhere) has not said yet whether alice may have
+    one more session."""
     h = Harness(tmp_path, guard_answers_later=True)
     h.machine.connected()
     h.machine.client_data(b"USER alice\r\nPASS pw\r\n")
     h.machine.penalty_known(0.0)
     h.machine.upstream_attached([])
     h.machine.logged_in(None)
+    assert h.questions[-1] == AskUserSlot("alice")
+    return h
+
+
+def test_a_refused_slot_answers_in_use_and_a_late_slot_after_a_hang_up_is_given_back(tmp_path: Path) -> None:
+    h = waiting_for_a_slot(tmp_path)
     h.take()
     h.machine.user_slot(False)
     effects = h.take()
     assert AbortUpstream("too many sessions for user") in effects
     assert Write(b"-ERR [IN-USE] Too many sessions for this user.\r\n") in effects
 
-    late = Harness(tmp_path, guard_answers_later=True)
-    late.machine.connected()
-    late.machine.client_data(b"USER alice\r\nPASS pw\r\n")
-    late.machine.penalty_known(0.0)
-    late.machine.upstream_attached([])
-    late.machine.logged_in(None)
+    late = waiting_for_a_slot(tmp_path)
     late.machine.client_lost()  # gone while the parent was asked
     late.take()
     late.machine.user_slot(True)
