@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from procs import die_with_parent, free_port, stop_tree, wait_for_port
+from procs import descendants, die_with_parent, free_port, stop_tree, wait_for_log, wait_for_port
 from workloads import Rewritten
 
 BENCH = Path(__file__).resolve().parent
@@ -101,15 +103,28 @@ class PopProxy(Target):
         "tls_tls": ("popproxy TLS->TLS(verified)", True, "implicit", "implicit"),
     }
 
-    def __init__(self, mode: str, workdir: Path, files: Files, dovecot_plain: int, dovecot_tls: int) -> None:
+    #: How the parent logs that a worker serves (text of the ``worker_ready`` event in twistd's log file,
+    #: which has no event names: ``--logfile`` writes the classic text format).
+    WORKER_READY = r"\[popproxy\.workers#info\] worker (\d+) \(pid (\d+)\) is serving"
+    WORKER_DIED = r"\[popproxy\.workers#warn\] worker (\d+) \(pid (\d+)\) ended"
+
+    def __init__(self, mode: str, workdir: Path, files: Files, dovecot_plain: int, dovecot_tls: int,
+                 workers: int = 1) -> None:
         label, client_tls, listen_tls, upstream_tls = self.MODES[mode]
         super().__init__(f"popproxy_{mode}", label, client_tls,
                          f"twistd -n popproxy; listener tls={listen_tls}, upstream tls={upstream_tls}")
-        if mode == "tls_plain":
+        self.workers = workers  # [process] workers
+        self.worker_pids: dict[int, int] = {}  # worker index -> PID, as the parent logged them
+        if workers > 1:
+            # Only A to D: E and F keep their single-process reference row.
+            self.key = "popproxy_w2" if (mode, workers) == ("tls_plain", 2) else f"popproxy_{mode}_w{workers}"
+            self.label = f"{label}, {workers} workers"
+            self.describe += f", [process] workers = {workers}"
+        elif mode == "tls_plain":
             self.workloads = "ABCDEF"  # F's reference: the same fetch without a hook; E: idle sessions
         # Workload E holds thousands of sessions from 127.0.0.1: when set, ``[limits]`` lets that many in.
         self.max_sessions = 0
-        self.workdir = workdir / f"popproxy-{mode}"
+        self.workdir = workdir / (f"popproxy-{mode}" if workers == 1 else f"popproxy-{mode}-w{workers}")
         self.files = files
         self.listen_tls = listen_tls
         self.upstream_tls = upstream_tls
@@ -145,12 +160,45 @@ class PopProxy(Target):
                         f'ca = "{self.files.ca}"\nserver_name = "localhost"\n')
         config = self.workdir / "popproxy.toml"
         config.write_text(f"[[listen]]\n{listener}\n[upstream.dovecot]\n{upstream}connect_timeout = 5\n\n"
-                          '[routing]\ndefault = "dovecot"\n' + self.limits() + self.hooks())
+                          '[routing]\ndefault = "dovecot"\n' + f"\n[process]\nworkers = {self.workers}\n"
+                          + self.limits() + self.hooks())
         log = self.workdir / "twistd.log"
         process = self._spawn([TWISTD, "-n", "--pidfile", str(self.workdir / "twistd.pid"), "--logfile", str(log),
                                "popproxy", "-c", str(config)], self.workdir / "stdout.txt", self.workdir)
         wait_for_port(self.port, process, log=log)
+        if self.workers > 1:
+            # The parent binds the port before its workers adopt it: connections queue in the backlog
+            # until then. Ready is every worker logged as serving, and greetings on fresh connections.
+            ready = wait_for_log(log, self.WORKER_READY, self.workers, process)
+            self.worker_pids = {int(m[1]): int(m[2]) for m in ready}
+            children = set(descendants(process.pid))
+            if not set(self.worker_pids.values()) <= children:
+                raise RuntimeError(f"workers {self.worker_pids} logged as serving are not all children of {process.pid}")
+            context = ssl.create_default_context(cafile=str(self.files.ca)) if self.client_tls else None
+            for _ in range(2 * self.workers):
+                raw = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+                sock = context.wrap_socket(raw, server_hostname="localhost") if context else raw
+                with sock, sock.makefile("rb") as answers:
+                    greeting = answers.readline()
+                    if not greeting.startswith(b"+OK"):
+                        raise RuntimeError(f"greeting {greeting!r} from {self.label}")
+                    sock.sendall(b"QUIT\r\n")
+                    answers.readline()
+        # CPU: the whole process tree (procs.tree_cpu_seconds), so the workers, children of twistd, too.
         self.cpu_pids = [process.pid]
+
+    def log_report(self) -> dict[str, int]:
+        """What twistd's log says about the run: lines at error or critical level, warnings, workers
+        that ended while the proxy ran (each is started again), workers that came up in all."""
+        log = self.workdir / "twistd.log"
+        text = log.read_text(errors="replace") if log.exists() else ""
+        lines = text.splitlines()
+        return {
+            "errors": sum(1 for line in lines if "#error]" in line or "#critical]" in line),
+            "warnings": sum(1 for line in lines if "#warn]" in line),
+            "worker_restarts": sum(1 for line in lines if re.search(self.WORKER_DIED, line)),
+            "workers_ready": sum(1 for line in lines if re.search(self.WORKER_READY, line)),
+        }
 
 
 class Stunnel(Target):

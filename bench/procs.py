@@ -2,13 +2,17 @@
 
 Everything here reads ``/proc`` (Linux only). CPU time is ``utime + stime`` of every live process in a
 tree plus ``cutime + cstime`` of each of them (the children they have already reaped), so that
-fork-per-connection servers (perdition) are charged for the connections that ended.
+fork-per-connection servers (perdition) are charged for the connections that ended. A live child's
+CPU time is only in its own ``stat``: the parent's ``cutime``/``cstime`` gain it when the child exits
+and is reaped. So the tree is walked at every reading, and the live children (nginx's workers,
+popproxy's ``[process] workers``, perdition's open connections) are read one by one.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import re
 import resource
 import signal
 import socket
@@ -50,21 +54,25 @@ def descendants(root: int) -> list[int]:
     return found
 
 
-def tree_cpu_seconds(roots: list[int]) -> float:
-    """CPU seconds used so far by ``roots`` and everything below them (reaped children included)."""
-    ticks = 0
-    seen: set[int] = set()
+def tree_cpu_by_process(roots: list[int]) -> dict[int, float]:
+    """CPU seconds used so far by ``roots`` and each live process below them, by PID: each one's
+    ``utime + stime`` (all its threads) plus ``cutime + cstime`` (the children it has reaped)."""
+    seconds: dict[int, float] = {}
     for root in roots:
         for pid in [root, *descendants(root)]:
-            if pid in seen:
+            if pid in seconds:
                 continue
-            seen.add(pid)
             fields = _stat_fields(pid)
             if fields is None:
-                continue
+                continue  # ended between the walk and this read: its parent's cutime has it, or will
             # After the ')' : state(0) ppid(1) ... utime(11) stime(12) cutime(13) cstime(14)
-            ticks += sum(int(fields[i]) for i in (11, 12, 13, 14))
-    return ticks / CLOCK_TICKS
+            seconds[pid] = sum(int(fields[i]) for i in (11, 12, 13, 14)) / CLOCK_TICKS
+    return seconds
+
+
+def tree_cpu_seconds(roots: list[int]) -> float:
+    """CPU seconds used so far by ``roots`` and everything below them (reaped children included)."""
+    return sum(tree_cpu_by_process(roots).values())
 
 
 def cmdline(pid: int) -> str:
@@ -94,6 +102,24 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes] | None, timeout: f
             if time.monotonic() > deadline:
                 raise RuntimeError(f"nothing listened on 127.0.0.1:{port} within {timeout} s") from None
             time.sleep(0.05)
+
+
+def wait_for_log(
+    log: Path, pattern: str, count: int, process: subprocess.Popen[bytes] | None, timeout: float = 30.0
+) -> list[re.Match[str]]:
+    """Return the matches once ``log`` has ``count`` lines that match the regular expression ``pattern``."""
+    compiled = re.compile(pattern)
+    deadline = time.monotonic() + timeout
+    while True:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        found = [m for m in map(compiled.search, text.splitlines()) if m]
+        if len(found) >= count:
+            return found
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"exited with status {process.returncode} before {count} lines matched {pattern!r} in {log}\n{text[-3000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{len(found)} of {count} lines matched {pattern!r} in {log} within {timeout} s\n{text[-3000:]}")
+        time.sleep(0.05)
 
 
 def stop_tree(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:

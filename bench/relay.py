@@ -1,8 +1,8 @@
 """Relay benchmark: the same POP3 workloads, direct to Dovecot and through popproxy and its peers.
 
 Run it with ``bench/run`` (which installs the peers and the venv first); ``--help`` lists the knobs.
-Everything (one Dovecot, three popproxy instances, stunnel, nginx, perdition, HAProxy, the Twisted
-floor, and for workload F three more popproxy instances with a hook each and a spamd) starts in a
+Everything (one Dovecot, four popproxy instances, one of them with ``[process] workers = 2``, stunnel,
+nginx, perdition, HAProxy, the Twisted floor, and for workload F three more popproxy instances with a hook each and a spamd) starts in a
 temporary folder on 127.0.0.1, runs side by side in one run, and is stopped before the results are
 printed.
 Results: a table on stdout, the same as JSON in bench/results/latest.json. See bench/README.md.
@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # tests/support: the Dovecot fixture
 from popproxy.pki import CertificateAuthority, write_private
 
 from peers import Direct, Files, Floor, Haproxy, HookedPopProxy, Nginx, Perdition, PopProxy, Stunnel, Target
-from procs import cmdline, descendants, raise_nofile, tree_cpu_seconds, tree_memory_kib
+from procs import cmdline, descendants, raise_nofile, tree_cpu_by_process, tree_cpu_seconds, tree_memory_kib
 from support.dovecot import DovecotServer
 from workloads import (
     Account,
@@ -149,6 +149,16 @@ def fmt_ratio(value: float | None) -> str:
     return f"{value:.2f}" if value >= 0.1 else f"{value:.2g}"
 
 
+def cpu_split(target: PopProxy, before: dict[int, float], after: dict[int, float]) -> dict[str, float]:
+    """CPU seconds each process of a popproxy with workers used between two readings of
+    ``procs.tree_cpu_by_process``: "parent" (twistd: the listeners, the guard, the workers' log lines,
+    and the CPU of workers that ended and were reaped), "worker N", and "pid P" for a process that is
+    neither (a worker started again under a new PID)."""
+    names = {pid: f"worker {index}" for index, pid in target.worker_pids.items()}
+    names[target.cpu_pids[0]] = "parent"
+    return {names.get(pid, f"pid {pid}"): round(seconds - before.get(pid, 0.0), 3) for pid, seconds in after.items()}
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -169,6 +179,7 @@ class Bench:
         self.cap = args.cap if args.cap is not None else (5.0 if quick else 15.0)
         self.large_mb = args.large_mb
         self.results: dict[str, dict[str, dict[str, object]]] = {w: {} for w in args.workloads}
+        self.logs: dict[str, dict[str, int]] = {}  # what each popproxy's twistd.log says (PopProxy.log_report)
 
     # -- setup --
 
@@ -227,8 +238,9 @@ class Bench:
             return None
         output = Path(self.args.json).parent / f"profile-{target.key}-{workload}.txt"
         output.parent.mkdir(parents=True, exist_ok=True)
+        workers = ["--subprocesses"] if isinstance(target, PopProxy) and target.workers > 1 else []  # the parent and its workers
         process = subprocess.Popen([spy, "record", "--pid", str(target.cpu_pids[0]), "--rate", "500", "--format",
-                                    "raw", "--output", str(output), "--nonblocking"],
+                                    "raw", "--output", str(output), "--nonblocking", *workers],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)  # attached
         return process
@@ -277,6 +289,8 @@ class Bench:
         def snapshot() -> list[float]:
             return [tree_cpu_seconds(pids) if pids else 0.0 for pids in groups] + [time.process_time()]
 
+        split = isinstance(target, PopProxy) and target.workers > 1  # [process] workers: CPU by process too
+        by_process = tree_cpu_by_process(target.cpu_pids) if split else {}
         before = snapshot()
         try:
             outcome = run()
@@ -284,7 +298,11 @@ class Bench:
             outcome = Outcome(error=f"{type(error).__name__}: {error}"[:300])
             traceback.print_exc(file=sys.stderr)
         time.sleep(0.2)  # closed sessions end and are reaped: their CPU time is counted
-        return outcome, [a - b for a, b in zip(snapshot(), before, strict=True)]
+        after = snapshot()
+        if split:
+            assert isinstance(target, PopProxy)
+            outcome.extra["cpu_by_process_s"] = cpu_split(target, by_process, tree_cpu_by_process(target.cpu_pids))
+        return outcome, [a - b for a, b in zip(after, before, strict=True)]
 
     def record(self, workload: str, target: Target, rounds: list[tuple[Outcome, list[float]]]) -> None:
         """The table cell: the best round (or the first failure). CPU times are the mean per round;
@@ -302,6 +320,11 @@ class Bench:
         cell["client_cpu_s"] = round(cpu[3] / n, 3)
         work = sum(o.done * (o.nbytes / 1e6 if workload == "B" else 1) for o, _ in rounds)
         cell["work_per_round"] = round(work / n, 3)  # messages, MB (B) or sessions
+        splits = [o.extra["cpu_by_process_s"] for o, _ in rounds if "cpu_by_process_s" in o.extra]
+        if splits:  # [process] workers: the tree's CPU by process, mean per round
+            names = sorted({k for split in splits for k in split}, key=lambda k: (k != "parent", k))  # type: ignore[attr-defined]
+            cell["proxy_cpu_by_process_s"] = {k: round(sum(split.get(k, 0.0) for split in splits) / n, 3)  # type: ignore[attr-defined]
+                                              for k in names}
         cell["proxy_cpu_per_unit_s"] = cpu[0] / work if target.cpu_pids and work else None
         cell["aux_cpu_per_unit_s"] = cpu[1] / work if target.aux_pids and work else None
         if workload == "F":
@@ -452,7 +475,7 @@ def render(bench: Bench, targets: list[Target], meta: dict[str, object]) -> str:
                 continue
             out.append(f"{t.label:<30}" + "".join(f"{cell_text(bench.results[x].get(t.key)):>17}" for x in w))
         out.append("")
-        out.extend(render_floor(bench, w))
+        out.extend(render_pairs(bench, w))
         per_unit = {"A": (1e6, "us/msg"), "B": (1e3, "ms/MB"), "C": (1e6, "us/msg"), "D": (1e3, "ms/sess")}
         out.append("Proxy CPU time (whole process tree, from /proc): seconds per round, and per unit of work")
         head = f"{'path':<30}" + "".join(f"{x + ' CPU s':>10}{per_unit[x][1]:>10}" for x in w)
@@ -475,6 +498,9 @@ def render(bench: Bench, targets: list[Target], meta: dict[str, object]) -> str:
                 aux = ", ".join(f"{x} {bench.results[x][t.key]['aux_cpu_s']}" for x in w
                                 if t.key in bench.results[x] and bench.results[x][t.key].get("aux_cpu_s") is not None)
                 out.append(f"  ({t.label}: not included above, its {t.aux_name} used CPU s: {aux})")
+        for t in paths:
+            if isinstance(t, PopProxy) and t.workers > 1 and not t.skip:
+                out.extend(render_workers(bench, t, w))
     if "A" in w:
         out.append("")
         out.append("A: time per RETR, ms (p50 / p99 / max)")
@@ -494,22 +520,25 @@ def render(bench: Bench, targets: list[Target], meta: dict[str, object]) -> str:
     out.append("")
     out.append("TLS versions negotiated by the client: " + (", ".join(tls) or "none"))
     for t in targets:
-        out.append(f"  {t.label:<30}{t.version or '-':<28}{t.describe}")
+        out.append(f"  {t.label:<31}{t.version or '-':<28}{t.describe}")
     return "\n".join(out)
 
 
-def render_floor(bench: Bench, w: list[str]) -> list[str]:
-    """Two ratios per workload that place popproxy between the floor and stunnel (see README)."""
+def render_pairs(bench: Bench, w: list[str]) -> list[str]:
+    """Ratios between two rows, per workload: two that place popproxy between the floor and stunnel, and
+    what a second worker process gives popproxy TLS->plain (see README). A pair shows where both ran."""
     pairs = [("popproxy_tls_plain", "floor", "popproxy TLS->plain / floor", "cost of being POP3-aware"),
-             ("floor", "stunnel", "floor / stunnel", "cost of the platform")]
-    if not any("floor" in bench.results[x] for x in w):
+             ("floor", "stunnel", "floor / stunnel", "cost of the platform"),
+             ("popproxy_w2", "popproxy_tls_plain", "popproxy 2 workers / 1 worker", "gain of [process] workers = 2")]
+    pairs = [p for p in pairs if any(p[0] in bench.results[x] and p[1] in bench.results[x] for x in w)]
+    if not pairs:
         return []
-    out = ["Two rows divided, same run (1.00: no cost; below 1: the first row carries less)"]
-    head = f"{'':<58}" + "".join(f"{x:>8}" for x in w)
+    out = ["Two rows divided, same run (the first row's rate over the second's; below 1: the first row carries less)"]
+    head = f"{'':<60}" + "".join(f"{x:>8}" for x in w)
     out.append(head)
     out.append("-" * len(head))
     for upper, lower, name, meaning in pairs:
-        row = f"{name:<30}{meaning:<28}"
+        row = f"{name:<30}{meaning:<30}"
         for x in w:
             cell = bench.results[x].get(upper)
             ratio = bench.ratio(cell.get("value") if cell and not cell.get("error") and not cell.get("wrong")
@@ -517,6 +546,25 @@ def render_floor(bench: Bench, w: list[str]) -> list[str]:
             row += f"{fmt_ratio(ratio):>8}"
         out.append(row)
     out.append("")
+    return out
+
+
+def render_workers(bench: Bench, t: PopProxy, w: list[str]) -> list[str]:
+    """A popproxy with ``[process] workers``: its row of the CPU table split by process (mean CPU
+    seconds per round), and what its twistd.log says about the workers."""
+    split = {x: bench.results[x][t.key].get("proxy_cpu_by_process_s") or {} for x in w if t.key in bench.results[x]}
+    names = sorted({k for v in split.values() for k in v}, key=lambda k: (k != "parent", k))  # type: ignore[attr-defined]
+    out = ["", f"{t.label}: its CPU s per round above, by process (parent: twistd; its reaped children too)"]
+    head = f"{'':<30}" + "".join(f"{x + ' CPU s':>10}" for x in w)
+    out.append(head)
+    out.append("-" * len(head))
+    for name in names:
+        out.append(f"  {name:<28}" + "".join(f"{split[x][name]:>10.2f}" if name in split.get(x, {}) else f"{'-':>10}"
+                                            for x in w))
+    report = bench.logs.get(t.key)
+    if report:
+        out.append(f"  workers came up {report['workers_ready']} times for {t.workers}, {report['worker_restarts']} "
+                   f"ended during the run; twistd.log: {report['errors']} error lines, {report['warnings']} warnings")
     return out
 
 
@@ -622,7 +670,8 @@ def parse_args() -> argparse.Namespace:
                         f"{DEFAULT_WORKLOADS}); E holds 1000, then 5000 idle sessions at once (200 with --quick)")
     parser.add_argument("--paths", default="", help="comma-separated path keys to run (default: all); "
                         "direct is always run. Keys: direct_tls, popproxy_plain, popproxy_tls_plain, "
-                        "popproxy_tls_tls, floor, stunnel, haproxy, nginx, perdition_tls, perdition_plain, "
+                        "popproxy_w2 (TLS->plain, [process] workers = 2), popproxy_tls_tls, floor, stunnel, haproxy, nginx, "
+                        "perdition_tls, perdition_plain, "
                         "and for F: " + ", ".join(HOOK_PATHS))
     parser.add_argument("--cap", type=float, default=None, help="seconds per workload and path before it "
                         "stops and reports the rate of the part done (default 15, --quick 5)")
@@ -678,6 +727,7 @@ def main() -> int:
             Direct(dovecot.tls_port, tls=True),
             PopProxy("plain", work, files, dovecot.plain_port, dovecot.tls_port),
             PopProxy("tls_plain", work, files, dovecot.plain_port, dovecot.tls_port),
+            PopProxy("tls_plain", work, files, dovecot.plain_port, dovecot.tls_port, workers=2),
             PopProxy("tls_tls", work, files, dovecot.plain_port, dovecot.tls_port),
             Floor(work, files, dovecot.plain_port),
             Stunnel(work, files, dovecot.plain_port),
@@ -714,6 +764,12 @@ def main() -> int:
                 bench.run_idle(live, context, dovecot)
             else:
                 bench.run_workload(workload, live, context, dovecot)
+        for target in live:
+            if isinstance(target, PopProxy):
+                bench.logs[target.key] = report = target.log_report()
+                print(f"bench: {target.label:<30} twistd.log: {report['errors']} error lines, {report['warnings']} "
+                      f"warnings" + (f", workers came up {report['workers_ready']} times, {report['worker_restarts']} "
+                                     "ended" if target.workers > 1 else ""), flush=True)
     finally:
         # Stop and remove everything first, report afterwards: printing can fail (a closed pipe).
         for target in targets:
@@ -760,13 +816,18 @@ def main() -> int:
         "paths": [{"key": t.key, "label": t.label, "client_tls": t.client_tls, "describe": t.describe,
                    "version": t.version, "skip": t.skip, "workloads": t.workloads} for t in targets],
         "results": bench.results,
+        "popproxy_logs": bench.logs,
         "table": table,
     }
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=2) + "\n")
     bad = [(w, k) for w, r in bench.results.items() for k, c in r.items() if c.get("wrong") or c.get("error")]
-    return 1 if bad else 0
+    # A peer that is not installed is "not run"; popproxy itself not starting is a crash (CI must see it).
+    unstarted = [t.key for t in targets if isinstance(t, PopProxy) and (t.skip or "").startswith("failed to start")]
+    if unstarted:
+        print(f"bench: popproxy did not start for {', '.join(unstarted)}", file=sys.stderr)
+    return 1 if bad or unstarted else 0
 
 
 if __name__ == "__main__":

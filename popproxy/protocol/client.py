@@ -110,6 +110,11 @@ def hook_plan(hooks: tuple[BuiltHook, ...]) -> HookPlan:
     )
 
 
+def _same(before: tuple[object, ...], now: tuple[object, ...]) -> bool:
+    """Names equal, and the same objects for the rest (see ``ClientProtocol.session_facts``)."""
+    return before[:3] == now[:3] and all(a is b for a, b in zip(before[3:], now[3:], strict=True))
+
+
 def peer_fields(address: IAddress | None) -> tuple[str, int]:
     """``(host, port)`` of a peer address, for logs and limits (a UNIX socket has its path)."""
     if isinstance(address, (IPv4Address, IPv6Address)):
@@ -159,6 +164,7 @@ class ClientProtocol(Protocol):
         # the client's bytes wait here and its socket is paused: at most one read's worth.
         self._gate: list[bytes] | None = None
         self._gate_paused = False
+        self._facts: tuple[tuple[object, ...], SessionFacts] | None = None  # the last session_facts()
         self._address_known = not settings.listener.haproxy
         self._lb_peer: IAddress | None = None
         self._closed = False
@@ -179,20 +185,30 @@ class ClientProtocol(Protocol):
         return {"session_id": self.session_id, "peer_host": host, "peer_port": port, "listener": self.settings.listener.key}
 
     def session_facts(self, user: str | None = None, upstream: str | None = None) -> SessionFacts:
-        """A snapshot of what is known about this session, for hooks."""
-        fields = self._fields()
+        """A snapshot of what is known about this session, for hooks. Made again only when
+        something in it changed: session hooks get one per command and per message."""
         machine = self.machine
         attempt = machine.attempt
-        return SessionFacts(
+        user = user or machine.user or (attempt[0] if attempt else None)
+        upstream = upstream or machine.upstream_name or (attempt[1] if attempt else None)
+        upstream_tls = self._upstream.tls_facts if self._upstream is not None else None
+        # The TLS facts are replaced, never changed in place: the same objects mean the same facts.
+        made_of = (user, upstream, self._address_known, self._client_tls, upstream_tls)
+        if self._facts is not None and _same(self._facts[0], made_of):
+            return self._facts[1]
+        fields = self._fields()
+        facts = SessionFacts(
             session_id=self.session_id,
             client_host=str(fields["peer_host"]),
             client_port=int(fields["peer_port"] or 0),
             listener=self.settings.listener.key,
-            user=user or machine.user or (attempt[0] if attempt else None),
-            upstream=upstream or machine.upstream_name or (attempt[1] if attempt else None),
+            user=user,
+            upstream=upstream,
             client_tls=dict(self._client_tls),
-            upstream_tls=dict(self._upstream.tls_facts) if self._upstream is not None else {},
+            upstream_tls=dict(upstream_tls) if upstream_tls is not None else {},
         )
+        self._facts = (made_of, facts)
+        return facts
 
     def _log_opened(self) -> None:
         if not self._opened_logged:

@@ -104,9 +104,10 @@ class DeliveryMeter:
             if not colon or key.lower() not in self._wanted or key in found:
                 continue
             text = " ".join(value.decode("utf-8", "replace").split())
-            try:
-                text = str(make_header(decode_header(text)))
-            except (ValueError, LookupError, UnicodeError):
-                pass  # a malformed encoded word: keep the text as it was sent
+            if "=?" in text:  # RFC 2047 §2: every encoded word starts with "=?"
+                try:
+                    text = str(make_header(decode_header(text)))
+                except (ValueError, LookupError, UnicodeError):
+                    pass  # a malformed encoded word: keep the text as it was sent
             found[key] = text[:1000]
         return found
