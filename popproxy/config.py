@@ -373,8 +373,10 @@ class HookConfig:
     :ivar timeout: seconds a message hook may take over one message.
     :ivar on_error: ``"pass"`` delivers the message as it stood before the hook; ``"refuse"`` answers
         ``-ERR [SYS/TEMP]`` so that the client leaves the message on the server.
-    :ivar max_size: a message hook sees messages up to this many octets (upstream size); larger
-        ones stream through without it.
+    :ivar max_size: a message hook sees messages up to this many octets (upstream size).
+    :ivar oversize: what happens to a larger one: ``"pass"`` streams it through without the hook
+        (logged, and noted in the audit record); ``"refuse"`` answers its RETR and TOP ``-ERR
+        [SYS/PERM]``, so that nothing this hook must see reaches the client unseen.
     """
 
     key: str
@@ -385,6 +387,7 @@ class HookConfig:
     on_error: str
     max_size: int
     options: HookOptions = field(compare=False, repr=False)
+    oversize: str = "pass"
 
     def same_settings(self, other: HookConfig) -> bool:
         """True if ``other`` configures the same hook the same way (a reload may keep it running)."""
@@ -710,7 +713,7 @@ def _routing(t: _Table, upstreams: Mapping[str, UpstreamConfig]) -> RoutingConfi
 DEFAULT_HOOK_TIMEOUT: Final = 10.0
 DEFAULT_HOOK_MAX_SIZE: Final = 4 * 1024 * 1024
 HOOK_ERROR_POLICIES: Final = ("pass", "refuse")
-_HOOK_KEYS: Final = ("use", "name", "users", "timeout", "on_error", "max_size")
+_HOOK_KEYS: Final = ("use", "name", "users", "timeout", "on_error", "max_size", "oversize")
 
 
 def _hooks(root: _Table, user_case: str) -> tuple[HookConfig, ...]:
@@ -747,6 +750,7 @@ def _hooks(root: _Table, user_case: str) -> tuple[HookConfig, ...]:
                 on_error=_choice(t, "on_error", HOOK_ERROR_POLICIES, "pass"),
                 max_size=max_size,
                 options=HookOptions(own, key, root.path, user_case),
+                oversize=_choice(t, "oversize", ("pass", "refuse"), "pass"),
             )
         )
     return tuple(hooks)

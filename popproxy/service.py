@@ -140,13 +140,23 @@ class ProxyService(MultiService):
     def reload(self) -> bool:
         """Re-read the configuration: new certificates, routing, limits and hooks for new sessions;
         live sessions keep what they started with. A configuration that does not validate changes
-        nothing and is logged. Listener addresses cannot change without a restart."""
+        nothing and is logged. Listener addresses cannot change without a restart. Files that hooks
+        write are opened again by name first, whatever becomes of the reload (logrotate's SIGHUP)."""
+        self.reopen_files()
         prepared = self.prepare_reload()
         if isinstance(prepared, str):
             log.error("reload refused, keeping the running configuration: {error}", error=prepared, event="reload_failed")
             return False
         self.commit_reload(prepared)
         return True
+
+    def reopen_files(self) -> None:
+        """Every hook that writes a file opens it again by name (``IReopens``)."""
+        for built in self.hooks:
+            try:
+                built.reopen()
+            except Exception:
+                log.failure("hook {hook} could not open its file again", hook=built.config.name)
 
     def prepare_reload(self, digest: str | None = None) -> PreparedReload | str:
         """The first half of a reload: read and build everything, use nothing. Returns what was

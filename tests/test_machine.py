@@ -9,6 +9,7 @@ was not completely delivered.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -655,3 +656,42 @@ def test_list_sizes_rewritten_whatever_the_chunking(tmp_path: Path) -> None:
     assert extra > 10
     expected = b"+OK 3 messages\r\n1 %d\r\n2 %d\n3 %d\r\n.\r\n" % (100 + extra, 200 + extra, 300 + extra)
     assert outputs == [expected] * 4
+
+
+def test_no_mail_moves_while_a_gatekeeper_cannot_record_it(tmp_path: Path) -> None:
+    """``IGatekeeper`` (the audit log with ``on_write_error = "refuse"``): while it cannot write,
+    RETR, TOP and DELE get -ERR [SYS/TEMP] and never reach the upstream; other commands go on."""
+    h = Harness(tmp_path)
+    recording = [False]
+    plan = dataclasses.replace(h.machine.settings.plan, mail_may_move=lambda user: recording[0])
+    h.machine.settings = dataclasses.replace(h.machine.settings, plan=plan)
+    h.log_in()
+    h.machine.client_data(b"RETR 1\r\nTOP 1 0\r\nDELE 1\r\nSTAT\r\n")
+    refused = b"-ERR [SYS/TEMP] Mail cannot be recorded now, so it is not moved; try again later.\r\n"
+    assert h.written() == refused * 3
+    assert h.sent() == [b"STAT\r\n"]
+    h.machine.upstream_data(b"+OK 1 5\r\n")
+    h.take()
+    recording[0] = True  # it can write again
+    h.machine.client_data(b"DELE 1\r\n")
+    assert h.sent() == [b"DELE 1\r\n"]
+
+
+def test_a_message_too_large_for_a_refusing_hook_is_not_delivered(tmp_path: Path) -> None:
+    """``oversize = "refuse"``: larger than the hook's max_size, RETR and TOP get -ERR [SYS/PERM]
+    and nothing goes upstream; its DELE is refused too. Smaller messages are scanned as usual, and
+    with ``oversize = "pass"`` (the default) the large one streams through unscanned, logged."""
+    refusing = '[[hook]]\nuse = "support.samplehooks:tagger"\nmax_size = 1000\noversize = "refuse"\n'
+    h = Harness(tmp_path, hooks=refusing)
+    h.log_in(listing=({1: len(MESSAGE), 2: 5000}, {}))
+    h.machine.client_data(b"RETR 2\r\nTOP 2 0\r\nDELE 2\r\nRETR 1\r\n")
+    too_large = b"-ERR [SYS/PERM] Message too large to be checked (5000 octets); it stays on the server.\r\n"
+    assert h.written() == too_large * 2 + b"-ERR [SYS/TEMP] Message was not delivered, so it is not deleted.\r\n"
+    assert h.sent() == [b"RETR 1\r\n"]
+
+    passing = Harness(tmp_path, hooks=refusing.replace('"refuse"', '"pass"'))
+    passing.log_in(listing=({1: len(MESSAGE), 2: 5000}, {}))
+    passing.machine.client_data(b"RETR 2\r\n")
+    assert passing.sent() == [b"RETR 2\r\n"]
+    logged = [e for e in passing.effects if isinstance(e, Log) and e.fields.get("event") == "oversize"]
+    assert logged and "not scanned: 5000 octets" in str(logged[0].fields["note"])

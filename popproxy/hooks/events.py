@@ -6,7 +6,7 @@ per hook and event kind, so that a broken hook does not flood the log) and the s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.logger import Logger
@@ -15,6 +15,16 @@ from .interfaces import IRecordsHeaders, SessionFacts
 from .registry import BuiltHook
 
 log = Logger()
+
+#: Each event and the ``ISessionHook`` method it calls: the whole of what is called on a session hook.
+_CALLS: dict[str, Callable[..., None]] = {
+    "session_opened": lambda hook, session: hook.session_opened(session),
+    "tls_started": lambda hook, session: hook.tls_started(session),
+    "authenticated": lambda hook, session, result, code: hook.authenticated(session, result, code),
+    "command_done": lambda hook, session, command, argument, ok: hook.command_done(session, command, argument, ok),
+    "message_delivered": lambda hook, session, delivery: hook.message_delivered(session, delivery),
+    "session_closed": lambda hook, session, summary: hook.session_closed(session, summary),
+}
 
 
 class SessionEvents:
@@ -37,11 +47,12 @@ class SessionEvents:
         return names
 
     def emit(self, event: str, session: SessionFacts, *args: Any) -> None:
+        call = _CALLS[event]
         for built in self._hooks:
             if session.user is not None and not built.config.applies_to(session.user):
                 continue
             try:
-                getattr(built.hook, event)(session, *args)
+                call(built.hook, session, *args)
             except Exception:
                 if (built.config.name, event) not in self._failed:
                     self._failed.add((built.config.name, event))

@@ -179,6 +179,22 @@ class IClosable(Interface):
         """Release what the hook holds; called once."""
 
 
+class IReopens(Interface):
+    """A hook that writes to a file another program may move (logrotate): on every SIGHUP, even when
+    the reload itself is refused, popproxy asks it to open its file again by name."""
+
+    def reopen() -> None:
+        """Close the file and open it again by its path (created if it was moved away)."""
+
+
+class IGatekeeper(Interface):
+    """A session hook whose records must exist before mail moves (the audit log with
+    ``on_write_error = "refuse"``): while ``accepting`` is false, RETR, TOP and DELE are answered
+    ``-ERR [SYS/TEMP]`` and never reach the upstream, so nothing is fetched or deleted unrecorded."""
+
+    accepting = Attribute("bool: whether the hook can record what happens now (its last write succeeded).")
+
+
 class IHookFactory(Interface):
     """Builds hooks from ``[[hook]]`` tables. Register one under the ``popproxy.hooks`` entry point
     group (or name it as ``"module:attribute"``) to make a hook available to ``use``."""

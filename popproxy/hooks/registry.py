@@ -18,7 +18,7 @@ from zope.interface.exceptions import Invalid
 from zope.interface.verify import verifyObject
 
 from ..config import ConfigError, HookConfig, ProxyConfig
-from .interfaces import IClosable, IHookFactory, IMessageHook, ISessionHook, IWantsListing
+from .interfaces import IClosable, IGatekeeper, IHookFactory, IMessageHook, IReopens, ISessionHook, IWantsListing
 
 ENTRY_POINT_GROUP = "popproxy.hooks"
 
@@ -28,6 +28,7 @@ BUILT_IN: dict[str, str] = {
     "rspamd": "popproxy.hooks.rspamd:factory",
     "rewrite": "popproxy.hooks.rewrite:factory",
     "archive": "popproxy.hooks.archive:factory",
+    "clamav": "popproxy.hooks.clamav:factory",
 }
 
 
@@ -52,10 +53,20 @@ class BuiltHook:
         read once at login)."""
         return self.is_session_hook and IWantsListing.providedBy(self.hook)
 
+    @property
+    def gatekeeper(self) -> IGatekeeper | None:
+        """The hook as an ``IGatekeeper``, if mail may move only while it can record it."""
+        return self.hook if IGatekeeper.providedBy(self.hook) else None
+
     def close(self) -> None:
         """Release what the hook holds, if it holds anything (``IClosable``)."""
         if IClosable.providedBy(self.hook):
             self.hook.close()
+
+    def reopen(self) -> None:
+        """Open the hook's file again by name, if it writes one (``IReopens``; SIGHUP, logrotate)."""
+        if IReopens.providedBy(self.hook):
+            self.hook.reopen()
 
 
 def _load(reference: str) -> Any:
@@ -115,7 +126,7 @@ def build_hook(config: HookConfig, config_path: Any) -> BuiltHook:
         except Invalid as error:
             raise ConfigError(config_path, config.key, f"hook {config.use!r} breaks {iface.__name__}: {error}") from None
     if IMessageHook.providedBy(hook):
-        reservation = getattr(hook, "reservation", None)
+        reservation = hook.reservation  # declared on IMessageHook; verifyObject found it above
         if not isinstance(reservation, int) or isinstance(reservation, bool) or reservation < 0:
             raise ConfigError(config_path, config.key, f"hook {config.use!r} has no valid reservation: {reservation!r}")
     return BuiltHook(config, hook)

@@ -101,12 +101,15 @@ def hook_plan(hooks: tuple[BuiltHook, ...]) -> HookPlan:
     events = SessionEvents(hooks)
     session_hooks = [built for built in hooks if built.is_session_hook]
     listing = [built for built in session_hooks if built.wants_listing]
+    gatekeepers = [built for built in hooks if built.gatekeeper is not None]
     return HookPlan(
         hooks=hooks,
         report_deliveries=bool(events),
         report_commands=bool(events),
         wanted_headers=frozenset(events.wanted_headers),
         wants_listing=lambda user: any(built.config.applies_to(user) for built in listing),
+        mail_may_move=lambda user: all(built.gatekeeper.accepting for built in gatekeepers  # type: ignore[union-attr]
+                                       if built.config.applies_to(user)),
     )
 
 

@@ -105,6 +105,8 @@ SHUTTING_DOWN = err("Server shutting down, try again later.", "SYS/TEMP")
 USER_IN_USE = err("Too many sessions for this user.", "IN-USE")
 GREETING = ok("POP3 proxy ready.")
 NOT_DELETED = err("Message was not delivered, so it is not deleted.", "SYS/TEMP")
+UNRECORDED = err("Mail cannot be recorded now, so it is not moved; try again later.", "SYS/TEMP")
+_MOVES_MAIL = (b"RETR", b"TOP", b"DELE")
 
 # RFC 3206 codes from the upstream that the client must see as they are: they tell it to wait or to
 # stop retrying, which [AUTH] would not.
@@ -139,6 +141,9 @@ class HookPlan:
     wanted_headers: frozenset[str] = frozenset()
     #: session hooks that want the mailbox's UIDLs (read at login with LIST)
     wants_listing: Callable[[str], bool] = lambda user: False
+    #: whether mail may move for a user now: False while a hook that must record it cannot
+    #: (``IGatekeeper``, the audit log with ``on_write_error = "refuse"``)
+    mail_may_move: Callable[[str], bool] = lambda user: True
 
     def message_hooks(self, user: str) -> list[BuiltHook]:
         return [built for built in self.hooks if built.is_message_hook and built.config.applies_to(user)]
@@ -930,6 +935,12 @@ class SessionMachine:
             self._answer(err("Unknown command."))
             self._bad_command()
             return
+        if verb in _MOVES_MAIL and self.user is not None and not self.settings.plan.mail_may_move(self.user):
+            # Nothing is fetched or deleted that the audit trail could not record.
+            self._log("warn", "session {session_id}: {verb} refused: a hook cannot record it now",
+                      verb=verb.decode("ascii"), event="unrecorded")
+            self._answer(UNRECORDED)
+            return
         if verb == b"QUIT":
             self.quit_requested = True
             self.end_reason = "quit"
@@ -940,6 +951,8 @@ class SessionMachine:
         plan = self.settings.plan
         report = self._report if plan.report_deliveries else None
         if verb in _FETCHES and mailbox is not None and number is not None and number not in mailbox.deleted:
+            if self._too_large(mailbox, number):
+                return
             cached = mailbox.cached(number)
             if cached is not None:
                 # Already processed (TOP then RETR): answered from the cache, made when it is due.
@@ -957,6 +970,26 @@ class SessionMachine:
         self._queue.append(entry)
         self._outgoing.append(entry)
         self._after_queueing()
+
+    def _too_large(self, mailbox: MailboxView, number: int) -> bool:
+        """Message ``number`` is larger than a hook that must see it can take (``oversize =
+        "refuse"``): answer -ERR [SYS/PERM] (RFC 3206 §4: retrying will not help; RFC 2449 §8 lets
+        a code stand in any -ERR), and refuse its DELE too. A message larger than a hook with
+        ``oversize = "pass"`` streams through unseen, and is logged."""
+        refusing = mailbox.too_large_for(number)
+        if refusing:
+            names = ", ".join(built.config.name for built in refusing)
+            self._log("warn", "session {session_id}: message {number} ({size} octets) refused: larger than "
+                      "max_size of {hooks}", number=number, size=mailbox.sizes[number], hooks=names, event="oversize")
+            mailbox.refused.add(number)
+            self._answer(err(f"Message too large to be checked ({mailbox.sizes[number]} octets); it stays on the "
+                             "server.", "SYS/PERM"))
+            return True
+        note = mailbox.not_scanned_note(number)
+        if note is not None:
+            self._log("info", "session {session_id}: message {number} {note}", number=number, note=note,
+                      event="oversize")
+        return False
 
     def _after_queueing(self) -> None:
         # Every answer owed counts, local ones included (RFC 2449 §6.6 lets a client pipeline; the

@@ -100,6 +100,14 @@ class MailboxView:
     def scanned(self, number: int) -> bool:
         return bool(self.hooks_for(number))
 
+    def too_large_for(self, number: int) -> list[BuiltHook]:
+        """The hooks with ``oversize = "refuse"`` that message ``number`` is too large for: while
+        there is one, the message is not delivered."""
+        size = self.sizes.get(number)
+        if size is None:
+            return []
+        return [built for built in self._hooks if size > built.config.max_size and built.config.oversize == "refuse"]
+
     def not_scanned_note(self, number: int) -> str | None:
         """Why message hooks that apply to this user skip message ``number``, if they do."""
         size = self.sizes.get(number)
