@@ -16,7 +16,7 @@ from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
 from twisted.logger import Logger
 
 from .config import ConfigError, ProxyConfig, config_digest, read_config
-from .hooks.registry import BuiltHook, build_hooks
+from .hooks.registry import BuiltHook, build_hooks, start_hooks
 from .listeners import listener_service
 from .protocol.client import SessionSettings
 from .protocol.connector import UpstreamConnector
@@ -121,6 +121,7 @@ class ProxyService(MultiService):
                 )
 
     def startService(self) -> None:
+        start_hooks(self.hooks, self.reactor)
         super().startService()
         log.info(
             "popproxy serving {count} listener(s) from {config}",
@@ -200,6 +201,7 @@ class ProxyService(MultiService):
                 hooks = hooks[:index] + (same,) + hooks[index + 1 :]
                 kept.append(same)
         retired = tuple(old for old in self.hooks if all(old is not k for k in kept))
+        start_hooks(tuple(built for built in hooks if all(built is not k for k in kept)), self.reactor)
         self.config, self.hooks = config, hooks
         if self.guard is not None:
             self.guard.reconfigure(config.limits)

@@ -20,7 +20,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.test import iosim
 
 from .config import Address, ProxyConfig, UpstreamConfig
-from .hooks.registry import BuiltHook, build_hooks
+from .hooks.registry import BuiltHook, build_hooks, start_hooks
 from .pop3.framing import CommandLines
 from .pop3.wire import CRLF, err, multiline, ok, parse_command, stuff_body
 from .protocol.client import ClientProtocol, SessionSettings
@@ -302,7 +302,10 @@ class MemoryProxy:
     """
 
     def __init__(self, config: ProxyConfig, listener_index: int = 0, server_tls: Any = None,
-                 hooks: tuple[BuiltHook, ...] | None = None) -> None:
+                 hooks: tuple[BuiltHook, ...] | None = None, hook_reactor: Any = None) -> None:
+        """``hook_reactor``: what hooks that do I/O are started with (``IStartable``); by default the
+        in-memory clock, which runs their timers and threads nowhere: pass the real reactor for a
+        hook that talks to a real scanner."""
         self.clock = MemoryReactorClock()
         self.config = config
         self.upstreams: dict[str, FakePOP3Factory] = {}
@@ -315,7 +318,7 @@ class MemoryProxy:
                 TCP4ServerEndpoint(self.clock, address.port, interface=address.host).listen(fake)
         self.connector = UpstreamConnector(self.clock, self._endpoint_for, config.limits.upstream_timeout,
                                            config.limits.upstream_max_line)
-        self.hooks = build_hooks(config) if hooks is None else hooks
+        self.hooks = start_hooks(build_hooks(config) if hooks is None else hooks, hook_reactor or self.clock)
         self.guard = Guard(config.limits, self.clock)
         self.cache = MessageCache(config.limits.message_cache)
         self.factory = ProxyFactory(

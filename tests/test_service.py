@@ -12,6 +12,7 @@ from twisted.logger import globalLogPublisher
 from popproxy.pki import write_private
 from popproxy.service import ProxyService
 
+import support.samplehooks as samplehooks
 from support.configs import proxy_config, shared_ca
 
 
@@ -71,3 +72,28 @@ def test_session_ticket_keys_are_replaced_when_their_lifetime_is_over(tmp_path: 
         service.stopService()
     finally:
         globalLogPublisher.removeObserver(events.append)
+
+
+def test_hooks_are_started_by_the_service_with_its_reactor_and_never_by_building(tmp_path: Path) -> None:
+    """Building a hook (``--check``, a reload being prepared) does no I/O; the service starts each
+    hook that does (``IStartable``) with its own reactor, and a reload starts only the hooks it
+    replaced, closing the ones retired."""
+    hooks = ('[[hook]]\nuse = "support.samplehooks:starter"\nname = "a"\ntag = "one"\n'
+             '[[hook]]\nuse = "support.samplehooks:starter"\nname = "b"\n')
+    config = proxy_config(tmp_path, extra=hooks)
+    samplehooks.STARTED.clear()
+    clock = MemoryReactorClock()
+    service = ProxyService(config, clock, handle_signals=False)
+    assert samplehooks.STARTED == []
+    service.startService()
+    assert samplehooks.STARTED == [("a", clock), ("b", clock)]
+    config.path.write_text(config.path.read_text().replace('tag = "one"', 'tag = "two"'))
+    samplehooks.CLOSED.clear()
+    prepared = service.prepare_reload()
+    assert not isinstance(prepared, str) and len(samplehooks.STARTED) == 2  # prepared, not started
+    closed_before = list(samplehooks.CLOSED)  # (checking the file built and closed hooks too)
+    service.commit_reload(prepared)
+    assert samplehooks.STARTED[2:] == [("a", clock)]  # b is configured as before: kept, not started again
+    # The old a is retired at once (no session used it), and the new b, not needed, is closed.
+    assert sorted(samplehooks.CLOSED[len(closed_before):]) == ["a", "b"]
+    service.stopService()

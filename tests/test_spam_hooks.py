@@ -30,7 +30,7 @@ from popproxy.hooks.interfaces import (
     MessageFacts,
     SessionFacts,
 )
-from popproxy.hooks.registry import build_hooks
+from popproxy.hooks.registry import build_hooks, start_hooks
 from popproxy.hooks.rspamd import RspamdError, RspamdHook
 from popproxy.hooks.spamassassin import SpamAssassinHook, SpamdError
 from popproxy.hooks.spamheaders import (
@@ -83,8 +83,9 @@ def context(user: str | None = "bob@example.org", message: bytes = b"", uidl: st
 
 
 def build(hook_toml: str) -> Any:
-    """The first hook of a configuration made of ``PREAMBLE`` and ``hook_toml``, built for real."""
-    return build_hooks(parse_config(PREAMBLE + hook_toml, CONFIG_PATH))[0].hook
+    """The first hook of a configuration made of ``PREAMBLE`` and ``hook_toml``, built for real and
+    started with the reactor, as the service does."""
+    return start_hooks(build_hooks(parse_config(PREAMBLE + hook_toml, CONFIG_PATH)), reactor)[0].hook
 
 
 def spamassassin(where: str, **settings: object) -> SpamAssassinHook:

@@ -179,6 +179,20 @@ class IClosable(Interface):
         """Release what the hook holds; called once."""
 
 
+class IStartable(Interface):
+    """A hook that does I/O (talks to a scanner, uses threads). Building a hook does none, so that
+    ``--check`` and a reload that is refused start nothing; the service starts the hook with its
+    reactor before the hook's first message, and closes it (``IClosable``) when it is retired."""
+
+    def start(reactor: Any) -> None:
+        """Begin: keep ``reactor`` (``IReactorTCP``, ``IReactorUNIX``, ``IReactorTime``,
+        ``IReactorThreads``) for everything the hook does. Called once, before ``process``."""
+
+
+class HookNotStarted(Exception):
+    """A hook that needs ``IStartable.start`` was used before it."""
+
+
 class IReopens(Interface):
     """A hook that writes to a file another program may move (logrotate): on every SIGHUP, even when
     the reload itself is refused, popproxy asks it to open its file again by name."""

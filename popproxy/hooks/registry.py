@@ -18,7 +18,16 @@ from zope.interface.exceptions import Invalid
 from zope.interface.verify import verifyObject
 
 from ..config import ConfigError, HookConfig, ProxyConfig
-from .interfaces import IClosable, IGatekeeper, IHookFactory, IMessageHook, IReopens, ISessionHook, IWantsListing
+from .interfaces import (
+    IClosable,
+    IGatekeeper,
+    IHookFactory,
+    IMessageHook,
+    IReopens,
+    ISessionHook,
+    IStartable,
+    IWantsListing,
+)
 
 ENTRY_POINT_GROUP = "popproxy.hooks"
 
@@ -57,6 +66,11 @@ class BuiltHook:
     def gatekeeper(self) -> IGatekeeper | None:
         """The hook as an ``IGatekeeper``, if mail may move only while it can record it."""
         return self.hook if IGatekeeper.providedBy(self.hook) else None
+
+    def start(self, reactor: Any) -> None:
+        """Give the hook the reactor, if it does I/O (``IStartable``)."""
+        if IStartable.providedBy(self.hook):
+            self.hook.start(reactor)
 
     def close(self) -> None:
         """Release what the hook holds, if it holds anything (``IClosable``)."""
@@ -133,5 +147,13 @@ def build_hook(config: HookConfig, config_path: Any) -> BuiltHook:
 
 
 def build_hooks(config: ProxyConfig) -> tuple[BuiltHook, ...]:
-    """Build every ``[[hook]]`` in order. Raises ``ConfigError`` for the first that is wrong."""
+    """Build every ``[[hook]]`` in order. Raises ``ConfigError`` for the first that is wrong.
+    Building does no I/O: ``start_hooks`` is what puts hooks to work."""
     return tuple(build_hook(hook, config.path) for hook in config.hooks)
+
+
+def start_hooks(hooks: tuple[BuiltHook, ...], reactor: Any) -> tuple[BuiltHook, ...]:
+    """Start each hook that does I/O with ``reactor``; returns ``hooks``."""
+    for built in hooks:
+        built.start(reactor)
+    return hooks

@@ -59,7 +59,7 @@ from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
 from ..config import HookConfig
-from .interfaces import IHookFactory, IMessageHook, MessageContext, Verdict
+from .interfaces import HookNotStarted, IHookFactory, IMessageHook, IStartable, MessageContext, Verdict
 from .spamheaders import (
     ReportEntry,
     ServerAddress,
@@ -282,7 +282,7 @@ class _OneEndpoint:
         return self._endpoint
 
 
-@implementer(IMessageHook)
+@implementer(IMessageHook, IStartable)
 class RspamdHook:
     """Asks rspamd about each message; records its verdict and, unless ``markup`` is None, writes
     the headers. ``reservation`` is ``markup.max_added`` (0 without markup)."""
@@ -293,7 +293,6 @@ class RspamdHook:
         server: ServerAddress,
         markup: SpamMarkup | None,
         *,
-        reactor: Any,
         spam_actions: Sequence[str] = DEFAULT_SPAM_ACTIONS,
         deliver_to: str | None = None,
         settings_id: str | None = None,
@@ -306,13 +305,18 @@ class RspamdHook:
         self.spam_actions = frozenset(spam_actions)
         self._deliver_to = deliver_to
         self._settings_id = settings_id
-        # One connection per message (persistent=False): nothing is left open between messages,
-        # and cancelling a request can simply abort its connection.
-        pool = HTTPConnectionPool(reactor, persistent=False)
-        endpoint = server.endpoint(reactor, connect_timeout)
-        self._agent = Agent.usingEndpointFactory(reactor, _OneEndpoint(endpoint), pool=pool)
+        self._connect_timeout = connect_timeout
+        self._agent: Agent | None = None  # made by ``start``
         authority = "localhost" if server.socket is not None else str(server)
         self._url = f"http://{authority}/checkv2".encode("ascii")
+
+    def start(self, reactor: Any) -> None:
+        """``IStartable``: the HTTP client rspamd is asked with. One connection per message
+        (``persistent=False``): nothing is left open between messages, and cancelling a request
+        can simply abort its connection."""
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        endpoint = self.server.endpoint(reactor, self._connect_timeout)
+        self._agent = Agent.usingEndpointFactory(reactor, _OneEndpoint(endpoint), pool=pool)
 
     def process(self, message: bytes, context: MessageContext) -> Deferred[bytes]:
         """A Deferred firing with the message, marked up; cancelling it aborts the connection."""
@@ -357,6 +361,8 @@ class RspamdHook:
 
     async def check(self, message: bytes, context: MessageContext) -> RspamdResult:
         """POST ``message`` to ``/checkv2`` and return rspamd's parsed answer."""
+        if self._agent is None:
+            raise HookNotStarted(f"hook {self.name} was not started")
         where = str(self.server)
         try:
             response = await _cancellable(
@@ -397,13 +403,10 @@ class RspamdFactory:
             extras=("action",),
         )
         options.finish()
-        from twisted.internet import reactor
-
         return RspamdHook(
             config.name,
             server,
             markup,
-            reactor=reactor,
             spam_actions=spam_actions,
             deliver_to=deliver_to,
             settings_id=settings_id,

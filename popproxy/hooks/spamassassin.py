@@ -47,7 +47,7 @@ from zope.interface import implementer
 
 from ..config import HookConfig
 from ..quiet import connect_quietly
-from .interfaces import IHookFactory, IMessageHook, MessageContext, Verdict
+from .interfaces import HookNotStarted, IHookFactory, IMessageHook, IStartable, MessageContext, Verdict
 from .spamheaders import (
     ReportEntry,
     ServerAddress,
@@ -264,7 +264,7 @@ class SpamcProtocol(Protocol):
             self.transport.abortConnection()
 
 
-@implementer(IMessageHook)
+@implementer(IMessageHook, IStartable)
 class SpamAssassinHook:
     """Asks spamd about each message; records its verdict and, unless ``markup`` is None, writes
     the headers. ``reservation`` is ``markup.max_added`` (0 without markup)."""
@@ -275,7 +275,6 @@ class SpamAssassinHook:
         server: ServerAddress,
         markup: SpamMarkup | None,
         *,
-        reactor: Any,
         user: str | None = None,
         connect_timeout: float = 10.0,
     ) -> None:
@@ -283,15 +282,21 @@ class SpamAssassinHook:
         self.server = server
         self.markup = markup
         self.reservation = markup.max_added if markup is not None else 0
-        self._reactor = reactor
+        self._reactor: Any = None  # given by ``start``
         self._user = user
         self._connect_timeout = connect_timeout
+
+    def start(self, reactor: Any) -> None:
+        """``IStartable``: the reactor spamd is reached with."""
+        self._reactor = reactor
 
     def process(self, message: bytes, context: MessageContext) -> Deferred[bytes]:
         """A Deferred firing with the message, marked up; cancelling it aborts the connection."""
         return Deferred.fromCoroutine(self._process(message, context))
 
     async def _process(self, message: bytes, context: MessageContext) -> bytes:
+        if self._reactor is None:
+            raise HookNotStarted(f"hook {self.name} was not started")
         user = format_template(self._user, context.facts.session.user)
         where = str(self.server)
         table: tuple[ReportEntry, ...] | None = None
@@ -351,9 +356,7 @@ class SpamAssassinFactory:
             options, default_max_added=DEFAULT_MAX_ADDED, default_max_added_report=DEFAULT_MAX_ADDED_REPORT
         )
         options.finish()
-        from twisted.internet import reactor
-
-        return SpamAssassinHook(config.name, server, markup, reactor=reactor, user=user, connect_timeout=config.timeout)
+        return SpamAssassinHook(config.name, server, markup, user=user, connect_timeout=config.timeout)
 
 
 factory = SpamAssassinFactory()

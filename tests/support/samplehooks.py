@@ -12,7 +12,16 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from zope.interface import implementer
 
-from popproxy.hooks.interfaces import IHookFactory, IMessageHook, IRecordsHeaders, ISessionHook, MessageContext, Verdict
+from popproxy.hooks.interfaces import (
+    IClosable,
+    IHookFactory,
+    IMessageHook,
+    IRecordsHeaders,
+    ISessionHook,
+    IStartable,
+    MessageContext,
+    Verdict,
+)
 
 CLOCK: Any = None
 RECORDED: list[tuple[Any, ...]] = []
@@ -121,3 +130,33 @@ class PickyFactory:
 
 
 picky = PickyFactory()
+
+
+#: (hook name, reactor) for every IStartable.start call, and the names closed
+STARTED: list[tuple[str, Any]] = []
+CLOSED: list[str] = []
+
+
+@implementer(ISessionHook, IStartable, IClosable)
+class Starter(Recorder):
+    """A session hook that records being started (``IStartable``) and closed (``IClosable``)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def start(self, reactor: Any) -> None:
+        STARTED.append((self.name, reactor))
+
+    def close(self) -> None:
+        CLOSED.append(self.name)
+
+
+@implementer(IHookFactory)
+class StarterFactory:
+    def build(self, config: Any) -> Starter:
+        config.options.string("tag", "")  # a setting, so that a reload can change it
+        config.options.finish()
+        return Starter(config.name)
+
+
+starter = StarterFactory()
