@@ -1274,7 +1274,7 @@ def test_every_hook_example_in_conf_builds(tmp_path: Path) -> None:
         '[routing]\ndefault = "a"\n' + uncommented + "\n"
     )
     built = build_hooks(load_config(config))
-    assert [b.config.use for b in built] == ["audit-log", "spamassassin", "rspamd", "rewrite", "archive"]
+    assert [b.config.use for b in built] == ["audit-log", "spamassassin", "rspamd", "clamav", "rewrite", "archive"]
     for b in built:
         close = getattr(b.hook, "close", None)
         if close is not None:

@@ -88,6 +88,16 @@ class MessageContext:
         return any(v.spam for v in self._verdicts.values())
 
 
+class MessageRefused(Exception):
+    """Raised by a message hook that decided the message must not be delivered (the ``clamav`` hook
+    with ``action = "refuse"`` when it finds a virus): not a failure, so ``on_error`` does not apply.
+
+    The client gets ``-ERR [SYS/TEMP]`` for that RETR or TOP, a DELE of the message is refused, and
+    the message stays on the server. The verdicts recorded before (the hook's own among them) go to
+    the session hooks with the refused delivery; the exception's text becomes its note.
+    """
+
+
 class IMessageHook(Interface):
     """Sees each retrieved message whole, and may rewrite it."""
 
@@ -106,7 +116,8 @@ class IMessageHook(Interface):
 
         ``message`` is un-dot-stuffed, with CRLF line endings, ending with CRLF; return the same
         form. Raise (or fail the Deferred) when the message cannot be processed; the hook's
-        ``on_error`` policy then applies. A returned Deferred may be cancelled when the hook's
+        ``on_error`` policy then applies. Raise ``MessageRefused`` to keep the message from the
+        client whatever ``on_error`` says. A returned Deferred may be cancelled when the hook's
         ``timeout`` expires: give it a canceller that drops whatever connection it holds.
         """
 

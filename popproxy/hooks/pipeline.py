@@ -7,7 +7,8 @@ the hooks' own reservations plus room for a filler header, and after the hooks r
 message with that filler header to exactly the reported size. A hook that grows a message beyond its
 reservation has failed, and its ``on_error`` policy applies: ``"pass"`` goes on with the message as it
 stood before that hook (never with a marker, which would break the size), ``"refuse"`` makes the
-proxy answer ``-ERR [SYS/TEMP]`` so that the client leaves the message on the server.
+proxy answer ``-ERR [SYS/TEMP]`` so that the client leaves the message on the server. A hook that
+raises ``MessageRefused`` (a virus) gets that answer whatever its ``on_error`` says.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from twisted.internet.defer import CancelledError, TimeoutError, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from .interfaces import MessageContext
+from .interfaces import MessageContext, MessageRefused
 from .registry import BuiltHook
 from .sizing import (  # noqa: F401  (re-exported: the pipeline's public names)
     CRLF,
@@ -65,6 +66,17 @@ async def run_message_hooks(
             pending = maybeDeferred(built.hook.process, message, context)
             pending.addTimeout(config.timeout, clock)
             result = _check(await pending, message, built.hook.reservation, config.name)
+        except MessageRefused as refusal:  # the hook's decision, not its failure: on_error does not apply
+            log.info(
+                "hook {hook} refused message {number} of {user}: {reason}",
+                hook=config.name,
+                number=context.facts.number,
+                user=context.facts.session.user,
+                session_id=context.facts.session.session_id,
+                reason=str(refusal),
+            )
+            notes.append(f"{config.name}: {refusal}; refused")
+            return PipelineResult(None, tuple(context.verdicts.values()), notes)
         except (TimeoutError, CancelledError):
             failure = f"timed out after {config.timeout:g}s"
         except HookFailure as error:

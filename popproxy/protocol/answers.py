@@ -230,15 +230,16 @@ class Hooked(Answer):
     def wants_hooks(self) -> bytes | None:
         return self._message
 
-    def refuse(self, notes: list[str]) -> bytes:
-        """The answer when the message cannot be delivered: the client keeps it on the server."""
+    def refuse(self, notes: list[str], verdicts: tuple[Verdict, ...] = ()) -> bytes:
+        """The answer when the message cannot be delivered: the client keeps it on the server.
+        ``verdicts`` are the hooks' so far (a virus that made one refuse it), for the session hooks."""
         assert self.number is not None
         self.succeeded = False
         self._message = None
         self._mailbox.refused.add(self.number)
         if self._report is not None:
             self._report(delivery(self.command, self.number, self._mailbox, None, scanned=True, outcome="refused",
-                                  notes=notes))
+                                  verdicts=verdicts, notes=notes))
         return REFUSED
 
     def finish(self, message: bytes | None, verdicts: tuple[Verdict, ...], notes: list[str]) -> bytes:
@@ -246,12 +247,12 @@ class Hooked(Answer):
         assert self.number is not None
         self._message = None
         if message is None:
-            return self.refuse(notes)
+            return self.refuse(notes, verdicts)
         if self._mailbox.extra(self.number):
             try:
                 message = pad_to(message, self._mailbox.reported_size(self.number))
             except HookFailure as error:
-                return self.refuse([*notes, f"size: {error}; refused"])
+                return self.refuse([*notes, f"size: {error}; refused"], verdicts)
         if self.top_lines is not None:
             self._mailbox.remember(self.number, message)
         return processed_answer(self.command, self.number, message, self.top_lines, self._mailbox, self._report,

@@ -3,8 +3,19 @@
 Enable it with::
 
     [[hook]]
-    use = "subject-stamp"        # the entry point name (or "popproxy_subject_stamp:factory")
+    use = "subject-stamp"         # the entry point name (or "popproxy_subject_stamp:factory")
     stamp = "[external]"          # default "[stamped]"
+
+What every message hook must get right (docs/hooks.md has the whole contract):
+
+- ``reservation``: the most octets the hook ever adds to a message. popproxy announces each message
+  that much larger in LIST, STAT and RETR, so that sizes stay exact; a result larger than the
+  original plus the reservation counts as a failure of the hook.
+- ``process`` gets the message un-dot-stuffed with CRLF line endings, ending with CRLF, and returns
+  the same form (bytes, or a Deferred that fires with bytes). A hook that does I/O returns a Deferred
+  with a canceller that drops its connection: popproxy cancels it when the hook's ``timeout`` expires.
+- The factory reads the hook's own settings through ``config.options`` (typed getters whose errors
+  name the file and key) and calls ``finish()`` last, so that a misspelt setting is refused.
 """
 
 from __future__ import annotations
@@ -16,15 +27,18 @@ from zope.interface import implementer
 
 from popproxy.hooks.interfaces import IHookFactory, IMessageHook, MessageContext, Verdict
 
+# The Subject field at the start of a header line (RFC 5322 §3.6.5), with the space after its colon.
 _SUBJECT = re.compile(rb"^Subject:[ \t]?", re.IGNORECASE | re.MULTILINE)
 
 
 @implementer(IMessageHook)
 class SubjectStamp:
+    """Puts ``stamp`` and a space in front of the first Subject; adds a Subject if there is none."""
+
     def __init__(self, name: str, stamp: str) -> None:
         self.name = name
         self._stamp = stamp.encode("utf-8") + b" "
-        # The most this hook adds: the stamp, or a whole Subject header where there was none.
+        # The most this hook adds: the stamp, or a whole Subject field where there was none.
         self.reservation = len(b"Subject: ") + len(self._stamp) + 2
 
     def process(self, message: bytes, context: MessageContext) -> bytes:
@@ -34,12 +48,15 @@ class SubjectStamp:
             head = head[: match.end()] + self._stamp + head[match.end() :]
         else:
             head = head + b"\r\nSubject: " + self._stamp.rstrip()
+        # A verdict goes to the audit log and to the hooks after this one (their conditions).
         context.add_verdict(Verdict(hook=self.name, details={"stamped": True}))
         return head + separator + body
 
 
 @implementer(IHookFactory)
 class SubjectStampFactory:
+    """Builds :class:`SubjectStamp` from its ``[[hook]]`` table."""
+
     def build(self, config: Any) -> SubjectStamp:
         stamp = config.options.string("stamp", "[stamped]")
         config.options.finish()  # refuse settings this hook does not know
@@ -49,26 +66,3 @@ class SubjectStampFactory:
 
 
 factory = SubjectStampFactory()
-
-
-@implementer(IMessageHook)
-class Exploding:
-    """A hook that always fails: popproxy must contain it."""
-
-    reservation = 0
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def process(self, message: bytes, context: MessageContext) -> bytes:
-        raise RuntimeError("this example hook always fails")
-
-
-@implementer(IHookFactory)
-class ExplodingFactory:
-    def build(self, config: Any) -> Exploding:
-        config.options.finish()
-        return Exploding(config.name)
-
-
-exploding = ExplodingFactory()
