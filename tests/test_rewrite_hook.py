@@ -745,7 +745,7 @@ def test_a_line_starting_with_a_dot_survives() -> None:
     assert out == b"Subject: s\r\n\r\nfirst\r\n.\r\n..\r\n.x\r\n.already a dot line\r\n"
     head = b"Content-Type: text/plain\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
     out = rewrite(rule("[[hook.rule.replace]]\npattern = '^STOP$'\nwith = '.\\n.x'\n"), head + b"STOP\r\n")
-    assert out == head + b"=2E\r\n.x\r\n"  # binascii's quoted-printable spells a lone "." =2E: the same text
+    assert out == head + b"=2E\r\n.x\r\n"  # a lone "." is spelled =2E, as binascii does: the same text
     assert parsed(out).get_content() == ".\r\n.x\r\n"
 
 

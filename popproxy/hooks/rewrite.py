@@ -54,6 +54,15 @@ The rules' semantics:
   included. A part that cannot take a replacement (it cannot be encoded in the part's charset,
   8-bit text in a 7bit part, an unknown charset or encoding, a line over 998 octets) is left as it
   was and named in the verdict's ``skipped`` list.
+- A replacement never changes the MIME structure, whatever the text holds. A CR or LF already in
+  the text (a bare CR, or ``=0D``/``=0A`` in quoted-printable) ends a line for the patterns and
+  stays what it was, encoded where it was encoded; only line breaks a template writes are new
+  lines. A line that, changed, would start with the delimiter of a multipart it is in, or that
+  starts with one already, is left as it was (RFC 2046 §5.1.1), and so is the first line of a
+  body after a header without an empty line if it would read as a header field; the verdict's
+  ``skipped`` counts them. Multiparts nested more than 100 levels deep, or beyond 10000 parts in a
+  message, are not looked into (named in ``skipped``); header edits apply to such messages as to
+  any other.
 
 A message that a rule changed gets a verdict ``Verdict(hook=name, details={"rules": [0, 2]})`` (the
 indices of the rules that changed it; ``"skipped"`` lists the parts left alone). A rewrite that adds
@@ -91,7 +100,7 @@ from .mimesplice import (
     header_fields,
     parse,
     splice,
-    walk,
+    walk_enclosed,
 )
 
 __all__ = ["DEFAULT_MAX_ADDED", "THREAD_AT", "RewriteHook", "RewriteTooLarge", "Rule", "factory"]
@@ -231,22 +240,40 @@ class Rule:
 
     def _replace(self, data: bytes, skipped: list[str]) -> bytes:
         edits = []
-        for part, in_attachment in walk(parse(data)):
+        for part, in_attachment, boundaries in walk_enclosed(parse(data)):
+            where = f"rule {self.index}: part {part.section or 'body'} ({part.content_type})"
+            if part.opaque is not None:  # too deep, or too many parts: what is inside stays as it is
+                skipped.append(f"{where}: not looked into: {part.opaque}")
+                continue
             if part.children or part.content_type not in TEXT_TYPES:
                 continue
             replacements = [r for r in self.replace if r.targets(part.content_type, in_attachment)]
             if not replacements:
                 continue
             body = data[part.body_start : part.end]
-
             try:
-                new = edit_text_body(body, part.transfer_encoding, part.charset, _line_editor(replacements))
+                edited = edit_text_body(
+                    body,
+                    part.transfer_encoding,
+                    part.charset,
+                    _line_editor(replacements),
+                    boundaries=boundaries,
+                    header_closed=part.header_closed,
+                )
             except CannotEdit as error:
-                skipped.append(f"rule {self.index}: part {part.section or 'body'} ({part.content_type}): {error}")
+                skipped.append(f"{where}: {error}")
                 continue
-            if new != body:
-                edits.append((part.body_start, part.end, new))
+            if edited.kept:  # lines that, changed, could make or unmake a part
+                skipped.append(f"{where}: {_kept_lines(edited.kept)} (RFC 2046 §5.1.1)")
+            if edited.body != body:
+                edits.append((part.body_start, part.end, edited.body))
         return splice(data, edits)
+
+
+def _kept_lines(count: int) -> str:
+    if count == 1:
+        return "1 line left as it was: changed, it could change the MIME structure"
+    return f"{count} lines left as they were: changed, they could change the MIME structure"
 
 
 def _line_editor(replacements: Sequence[Replacement]) -> LineEdit:
