@@ -83,6 +83,15 @@ class ConfigError(Exception):
         return f"{self.path}: {self.key}: {self.reason}"
 
 
+def user_listed(entries: Collection[str], user: str) -> bool:
+    """Whether the normalised ``user`` is among ``entries``: user names (normalised at load time by
+    ``[routing] user_case``) equal to it, or ``@domain`` entries (lowercased at load time) for the
+    domain after its last ``@``, case-insensitively. The one matcher for every hook's user lists."""
+    _, at, domain = user.rpartition("@")
+    domain = domain.lower()
+    return any((at and entry[1:] == domain) if entry.startswith("@") else entry == user for entry in entries)
+
+
 def in_networks(host: str, networks: Collection[IPNetwork]) -> bool | None:
     """Whether ``host`` lies in one of ``networks`` (an IPv4-mapped IPv6 address counting as its
     IPv4 address); None if ``host`` is not an IP address at all."""
@@ -403,16 +412,7 @@ class HookConfig:
         User entries, normalised at load time, must equal ``user``; ``@domain`` entries match the
         domain after the last ``@`` case-insensitively.
         """
-        if not self.users:
-            return True
-        _, at, domain = user.rpartition("@")
-        for entry in self.users:
-            if entry.startswith("@"):
-                if at and domain.lower() == entry[1:]:
-                    return True
-            elif entry == user:
-                return True
-        return False
+        return not self.users or user_listed(self.users, user)
 
 
 #: The most worker processes ``[process] workers`` may ask for.

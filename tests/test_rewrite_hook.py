@@ -524,7 +524,8 @@ HAM = Verdict(hook="rspamd", spam=False, score=0.5, threshold=6.0, action="no ac
         ("when_verdict = [{ hook = 'rspamd', spam = false }]", context(None, SPAM), False),
         ("when_users = ['@EXAMPLE.org']", context("alice@example.org"), True),
         ("when_users = ['@example.org']", context("alice@sub.example.org"), False),
-        ("when_users = ['alice@example.org']", context("Alice@example.org"), False),  # names as written
+        # Entries are normalised as the session's user is ([routing] user_case, "lower" here):
+        ("when_users = ['Alice@Example.ORG']", context("alice@example.org"), True),
         ("when_users = 'bob'", context("bob"), True),
         ("when_users = ['@example.org']", context("example.org"), False),
         ("when_users = ['@example.org']", context(None), False),

@@ -14,7 +14,7 @@ Configuration::
     [[hook.rule]]                # rules run in order, each on the message as the ones before left it
     # Conditions (all optional; all given must hold):
     when_spam = true             # only if an earlier hook judged the message spam (false: only if none did)
-    when_users = ["@example.org", "bob"]   # user names as written, or @domain (case-insensitive)
+    when_users = ["@example.org", "bob"]   # user names (normalised by [routing] user_case), or @domain
     when_header = [{ name = "From", matches = "(?i)@partner\\.example>?$" }]  # some From matches
     unless_header = [{ name = "X-Warning" }]    # no X-Warning field (with `matches`: none matches)
     when_verdict = [{ hook = "rspamd", spam = true, min_score = 8.0, action = ["reject", "add header"] }]
@@ -86,7 +86,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from ..config import ConfigError, HookConfig, HookOptions
+from ..config import ConfigError, HookConfig, HookOptions, user_listed
 from .interfaces import IHookFactory, IMessageHook, MessageContext, Verdict
 from .mimesplice import (
     FOLD_AT,
@@ -206,7 +206,8 @@ class Rule:
         """Whether every condition holds for the message ``data`` as it stands."""
         if self.when_spam is not None and context.is_spam() is not self.when_spam:
             return False
-        if self.when_users and not _user_listed(self.when_users, context.facts.session.user):
+        user = context.facts.session.user
+        if self.when_users and (user is None or not user_listed(self.when_users, user)):
             return False
         if not all(test.holds(context.verdicts) for test in self.when_verdict):
             return False
@@ -294,17 +295,6 @@ def _line_editor(replacements: Sequence[Replacement]) -> LineEdit:
 
 def _expander(template: str, newline: str) -> Callable[[re.Match[str]], str]:
     return lambda match: _LINE_BREAK.sub(newline, match.expand(template))
-
-
-def _user_listed(entries: Sequence[str], user: str | None) -> bool:
-    """Exact user names match as written, ``@domain`` entries case-insensitively (as ``users``)."""
-    if user is None:
-        return False
-    _, at, domain = user.rpartition("@")
-    return any(
-        (entry.startswith("@") and bool(at) and domain.lower() == entry[1:].lower()) or entry == user
-        for entry in entries
-    )
 
 
 def _set_field(data: bytes, name: str, folded: bytes) -> bytes:
@@ -523,7 +513,7 @@ def _field_name(t: HookOptions, key: str, name: str) -> str:
 def _user_entry(t: HookOptions, key: str, entry: str) -> str:
     if not entry or entry == "@" or any(c.isspace() for c in entry):
         raise t.error(key, f"must be a user name or @domain, not {entry!r}")
-    return entry
+    return t.normalise_user(entry)  # as the session's user is: one identity, one comparison
 
 
 def _new_field(t: HookOptions, key: str, text: str) -> tuple[str, bytes]:
