@@ -416,13 +416,16 @@ def splice(data: bytes, edits: Iterable[tuple[int, int, bytes]]) -> bytes:
 # --- new header fields ------------------------------------------------------------------------------
 
 
-def fold_field(name: str, value: str) -> bytes:
-    """A complete header field ``name: value`` with its CRLF, folded at 78 columns.
+def fold_field(name: str, value: str, *, width: int = FOLD_AT, after_commas: bool = False) -> bytes:
+    """A complete header field ``name: value`` with its CRLF, folded at ``width`` (78) columns: the
+    one field folder of every hook.
 
     ASCII values are folded at spaces (unfolding gives the value back exactly; a word longer than a
-    line stays whole). Other values become RFC 2047 encoded-words in UTF-8, which only suits
-    unstructured fields (Subject, Comments, X-...): address fields need their display names encoded
-    on their own, which is the caller's to refuse.
+    line stays whole). With ``after_commas`` (SpamAssassin's own layout of ``X-Spam-Status``, which
+    the spam hooks copy), a line may also end after a comma, and a continuation line starts with a
+    TAB in place of the spaces before it. Other values become RFC 2047 encoded-words in UTF-8, which
+    only suits unstructured fields (Subject, Comments, X-...): address fields need their display
+    names encoded on their own, which is the caller's to refuse.
 
     :raises ValueError: for a bad name, a line break or control character in the value, or a line
         longer than RFC 5322 allows.
@@ -432,15 +435,21 @@ def fold_field(name: str, value: str) -> bytes:
     if any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in value):
         raise ValueError("the value holds a line break or control character")
     if value.isascii():
+        pieces = (re.findall(r"( *)([^ ,]*,?)", value) if after_commas
+                  else [(" ", word) for word in value.split(" ")])
         lines = [f"{name}:"]
-        for index, word in enumerate(value.split(" ")):
-            candidate = f"{lines[-1]} {word}"
-            # Fold before a word when the line would pass 78 columns, unless the line holds no
-            # word yet or the word is empty (a whitespace-only continuation line is obsolete syntax).
-            if len(candidate) > FOLD_AT and index > 0 and word and lines[-1].strip():
-                lines.append(f" {word}")
+        first = True
+        for space, word in pieces:
+            if after_commas and not space and not word:
+                continue  # findall's empty match at the end
+            candidate = f"{lines[-1]} {word}" if first else lines[-1] + space + word
+            # Fold before a word when the line would pass the width, unless the line holds no word
+            # yet or the word is empty (a whitespace-only continuation line is obsolete syntax).
+            if len(candidate) > width and not first and word and lines[-1].strip():
+                lines.append(("\t" if after_commas else space) + word)
             else:
                 lines[-1] = candidate
+            first = False
         folded = "\r\n".join(lines).encode("ascii")
     else:
         encoded = Header(value, "utf-8", maxlinelen=FOLD_AT, header_name=name).encode(linesep="\r\n")

@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from ..config import HookOptions
+from .mimesplice import fold_field
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IStreamClientEndpoint
@@ -338,28 +339,10 @@ def _wrap(text: str, first: str, rest: str, width: int = FOLD_AT - 1) -> list[st
 
 
 def fold(name: str, value: str, width: int = FOLD_AT) -> bytes:
-    """The field ``name: value`` CRLF, folded at ``width`` columns after commas or at spaces.
-
-    A fold at a space replaces that space by CRLF TAB; a fold after a comma keeps the comma at the
-    end of the line (SpamAssassin folds ``tests=`` so). A piece longer than a line stays whole.
-    """
-    pieces = re.findall(r"( *)([^ ,]*,?)", value)
-    line = f"{name}:"
-    lines: list[str] = []
-    first = True
-    for space, word in pieces:
-        if not space and not word:
-            continue
-        if first:
-            line += " " + word
-            first = False
-        elif len(line) + len(space) + len(word) <= width:
-            line += space + word
-        else:
-            lines.append(line)
-            line = "\t" + word
-    lines.append(line)
-    return ("\r\n".join(lines) + "\r\n").encode("ascii")
+    """The field ``name: value`` CRLF as SpamAssassin lays it out: folded at ``width`` columns
+    after commas or at spaces, continuation lines starting with a TAB (``mimesplice.fold_field``,
+    the one folder of every hook)."""
+    return fold_field(name, value, width=width, after_commas=True)
 
 
 # --- where the lines go -----------------------------------------------------------------------------

@@ -8,9 +8,9 @@ split across chunks is still seen whole.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterable
-from email.header import decode_header, make_header
+
+from ..hooks.mimesplice import decoded_value, header_fields
 
 _STUFFED = b"\r\n.."
 _HEADER_LIMIT = 65536  # octets of the header block kept for parsing; the rest of a huge header is ignored
@@ -96,18 +96,12 @@ class DeliveryMeter:
         """The wanted headers (first occurrence each), unfolded and decoded for people to read: raw
         8-bit values as UTF-8 (RFC 6532), encoded words (RFC 2047) decoded; bytes that do not decode
         are replaced, never dropped silently."""
-        head = bytes(self._head).split(b"\r\n\r\n", 1)[0]
+        head = bytes(self._head)
         found: dict[str, str] = {}
-        for field in re.split(rb"\r\n(?![ \t])", head):
-            name, colon, value = field.partition(b":")
-            key = name.strip().decode("ascii", "replace")
-            if not colon or key.lower() not in self._wanted or key in found:
+        seen: set[str] = set()
+        for field in header_fields(head):  # the hooks' one header scanner
+            if field.name.lower() not in self._wanted or field.name.lower() in seen:
                 continue
-            text = " ".join(value.decode("utf-8", "replace").split())
-            if "=?" in text:  # RFC 2047 §2: every encoded word starts with "=?"
-                try:
-                    text = str(make_header(decode_header(text)))
-                except (ValueError, LookupError, UnicodeError):
-                    pass  # a malformed encoded word: keep the text as it was sent
-            found[key] = text[:1000]
+            seen.add(field.name.lower())
+            found[field.name] = " ".join(decoded_value(head, field).split())[:1000]
         return found
