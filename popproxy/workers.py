@@ -334,8 +334,10 @@ class WorkerPool(MultiService):
         if self._stopping:
             return
         status = reason.value
-        how = (f"exit status {status.exitCode}" if isinstance(status, (ProcessDone, ProcessTerminated))
-               and status.signal is None else f"signal {getattr(status, 'signal', '?')}")
+        if isinstance(status, (ProcessDone, ProcessTerminated)):
+            how = f"exit status {status.exitCode}" if status.signal is None else f"signal {status.signal}"
+        else:
+            how = str(status)
         if not worker.is_ready and not self._ever_ready:
             # No worker ever started serving (a configuration or key file it cannot read): restarting
             # would fail the same way, so stop, with the worker's own error already in the log.

@@ -52,7 +52,14 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
@@ -188,9 +195,9 @@ def _cancellable(pending: Deferred[_T]) -> Deferred[_T]:
 
 
 def _reason(error: BaseException) -> str:
-    reasons = getattr(error, "reasons", None)
-    if reasons:
-        return "; ".join(reason.getErrorMessage() for reason in reasons)
+    # twisted.web's client failures carry the underlying failures in ``reasons``.
+    if isinstance(error, (ResponseFailed, ResponseNeverReceived, RequestTransmissionFailed)) and error.reasons:
+        return "; ".join(reason.getErrorMessage() for reason in error.reasons)
     return f"{type(error).__name__}: {error}"
 
 
