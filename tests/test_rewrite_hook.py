@@ -15,10 +15,12 @@ import pytest
 import pytest_twisted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
 from popproxy.config import ConfigError, parse_config
 from popproxy.hooks.interfaces import (
+    HookNotStarted,
     MessageContext,
     MessageFacts,
     SessionFacts,
@@ -984,6 +986,9 @@ async def test_large_messages_are_rewritten_in_a_thread() -> None:
 
     hook.rewrite = rewrite_recording  # type: ignore[method-assign]
     ctx = context()
+    with pytest.raises(HookNotStarted):  # large rewrites need the thread pool of a started hook
+        hook.process(message, ctx)
+    hook.start(reactor)  # as the service does
     pending = hook.process(message, ctx)
     assert isinstance(pending, Deferred)
     out = await pending
@@ -998,6 +1003,7 @@ async def test_large_messages_are_rewritten_in_a_thread() -> None:
 async def test_a_large_message_that_grows_too_much_fails_the_deferred() -> None:
     message = b"Subject: big\r\n\r\n" + b"http://\r\n" * (THREAD_AT // 9 + 1)
     hook = rule('[[hook.rule.replace]]\npattern = "http://"\nwith = "https://"\n', max_added=10)
+    hook.start(reactor)
     ctx = context()
     pending = hook.process(message, ctx)
     assert isinstance(pending, Deferred)

@@ -70,24 +70,27 @@ more than ``max_added`` octets raises ``RewriteTooLarge``: the hook's ``on_error
 (``max_added`` is also the hook's reservation, the room popproxy adds to the sizes it reports).
 
 The hook does no I/O. Its work grows with the message (``max_size`` bounds it): messages of
-``THREAD_AT`` (256 KiB) or more are rewritten in the reactor's thread pool
-(``twisted.internet.threads.deferToThread``), smaller ones at once. Rules only read the context
+``THREAD_AT`` (256 KiB) or more are rewritten in the thread pool of the reactor the service starts
+the hook with (``twisted.internet.threads.deferToThreadPool``), smaller ones at once. Rules only read the context
 there; the verdict is recorded back in the reactor thread. If the hook's ``timeout`` expires, the
 pipeline goes on without the result, and the thread's work is discarded when it ends.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
 from ..config import ConfigError, HookConfig, HookOptions, user_listed
-from .interfaces import IHookFactory, IMessageHook, MessageContext, Verdict
+from .interfaces import HookNotStarted, IHookFactory, IMessageHook, IStartable, MessageContext, Verdict
 from .mimesplice import (
     FOLD_AT,
     CannotEdit,
@@ -123,10 +126,12 @@ _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 THREAD_AT = 256 * 1024
 
 
-def _in_thread(function: Callable[..., Any], *args: Any) -> Deferred[Any]:
-    from twisted.internet import threads  # imports the reactor: at call time only
-
-    return threads.deferToThread(function, *args)
+def _thread_runner(reactor: Any) -> Callable[..., Deferred[Any]]:
+    """How a started hook runs a large rewrite: in the reactor's thread pool, or (a reactor with no
+    threads, such as the in-memory ones of tests) in the calling thread."""
+    if IReactorThreads.providedBy(reactor):
+        return functools.partial(deferToThreadPool, reactor, reactor.getThreadPool())
+    return functools.partial(maybeDeferred)
 
 
 class RewriteTooLarge(Exception):
@@ -366,7 +371,7 @@ def _prefix_edit(data: bytes, field: Field, prefix: str) -> tuple[int, int, byte
 # --- the hook ----------------------------------------------------------------------------------------
 
 
-@implementer(IMessageHook)
+@implementer(IMessageHook, IStartable)
 class RewriteHook:
     """Applies its rules in order to each message; see the module docstring for what they do."""
 
@@ -376,12 +381,18 @@ class RewriteHook:
         max_added: int,
         rules: Sequence[Rule],
         *,
-        run_in_thread: Callable[..., Deferred[Any]] = _in_thread,
+        run_in_thread: Callable[..., Deferred[Any]] | None = None,
     ) -> None:
+        """``run_in_thread``: how large rewrites run; by default the thread pool of the reactor the
+        hook is started with (``IStartable``)."""
         self.name = name
         self.reservation = max_added
         self.rules = tuple(rules)
         self._run_in_thread = run_in_thread
+
+    def start(self, reactor: Any) -> None:
+        if self._run_in_thread is None:
+            self._run_in_thread = _thread_runner(reactor)
 
     def rewrite(self, message: bytes, context: MessageContext) -> tuple[bytes, list[int], list[str]]:
         """The rewritten message, the indices of the rules that changed it, and the parts skipped."""
@@ -402,6 +413,8 @@ class RewriteHook:
         ``THREAD_AT`` octets or more, which are rewritten in the reactor's thread pool."""
         if len(message) < THREAD_AT:
             return self._finish(message, context, self.rewrite(message, context))
+        if self._run_in_thread is None:
+            raise HookNotStarted(f"hook {self.name} was not started")
         pending = self._run_in_thread(self.rewrite, message, context)
         return pending.addCallback(lambda result: self._finish(message, context, result))
 
