@@ -71,6 +71,7 @@ class ProxyService(MultiService):
         )
         self.connector = connector
         self.hooks = build_hooks(config)
+        self._retiring: list[BuiltHook] = []  # replaced by a reload, still serving older sessions
         #: the limits kept in this process (None when ``guard`` is another's)
         self.guard: Guard | None = None
         if guard is None:
@@ -152,8 +153,9 @@ class ProxyService(MultiService):
         return True
 
     def reopen_files(self) -> None:
-        """Every hook that writes a file opens it again by name (``IReopens``)."""
-        for built in self.hooks:
+        """Every hook that writes a file opens it again by name (``IReopens``), retired ones that
+        still serve older sessions included."""
+        for built in (*self.hooks, *self._retiring):
             try:
                 built.reopen()
             except Exception:
@@ -221,7 +223,13 @@ class ProxyService(MultiService):
             )
             live.extend(session.when_closed() for session in factory.sessions)
         # The old hooks serve the sessions that started with them: close them when those are over.
-        gatherResults(live).addCallback(lambda _: _close_hooks(retired))
+        self._retiring.extend(retired)
+
+        def close_retired(_: object) -> None:
+            _close_hooks(retired)
+            self._retiring = [built for built in self._retiring if all(built is not old for old in retired)]
+
+        gatherResults(live).addCallback(close_retired)
         log.info("configuration reloaded from {config}", config=str(config.path), event="reloaded")
 
     # -- SIGTERM --------------------------------------------------------------------------------------

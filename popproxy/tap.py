@@ -65,6 +65,12 @@ def validated_config(path: str, data: bytes | None = None) -> ProxyConfig:
     check_tls(config)
     for built in build_hooks(config):  # every hook's own settings, and that it loads at all
         built.close()
+        if config.process.workers > 1 and built.gatekeeper is not None:
+            # A worker's audit lines are written by the parent, which cannot yet tell the worker
+            # that a write failed: refusing mail while records are lost needs one process.
+            raise ConfigError(config.path, f"{built.config.key}.on_write_error",
+                              '"refuse" needs [process] workers = 1 (the workers\' parent writes the '
+                              "audit file and cannot stop them moving mail yet)")
     return config
 
 

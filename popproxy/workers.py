@@ -97,6 +97,7 @@ class FromWorker(amp.AMP):
         self._sessions: Counter[str | None] = Counter()  # admitted sessions by the address counted
         self._users: Counter[str] = Counter()
         self._pieces: dict[str, list[bytes]] = {}
+        self._piece_octets: dict[str, int] = {}
 
     @property
     def _guard(self) -> Guard:
@@ -152,14 +153,16 @@ class FromWorker(amp.AMP):
                      last: bool) -> dict[str, object]:
         pieces = self._pieces.setdefault(path, [])
         pieces.append(piece)
-        if sum(map(len, pieces)) > MAX_AUDIT_LINE:
-            del self._pieces[path]
+        self._piece_octets[path] = size = self._piece_octets.get(path, 0) + len(piece)
+        if size > MAX_AUDIT_LINE:
+            del self._pieces[path], self._piece_octets[path]
             log.error("worker {worker}: an audit line for {path} over {limit} octets was dropped",
                       worker=self._worker.index, path=path, limit=MAX_AUDIT_LINE)
             return {}
         if last:
+            del self._piece_octets[path]
             line = b"".join(self._pieces.pop(path)).decode("utf-8", "replace")
-            self._pool.audit_file(path, rotate, max_bytes, keep).write(line)
+            self._pool.write_audit(path, rotate, max_bytes, keep, line)
         return {}
 
     @ipc.Ready.responder
@@ -178,6 +181,7 @@ class FromWorker(amp.AMP):
         self._sessions.clear()
         self._users.clear()
         self._pieces.clear()
+        self._piece_octets.clear()
 
 
 class Worker(ProcessProtocol):
@@ -256,6 +260,7 @@ class WorkerPool(MultiService):
         self.ports: dict[str, IListeningPort] = {}
         self.workers: dict[int, Worker] = {}
         self._audit_files: dict[tuple[str, str, int, int], FileWriter] = {}
+        self._audit_failing: set[str] = set()
         self._pauses: dict[int, float] = {}
         self._stopping = False
         self._ever_ready = False
@@ -375,11 +380,38 @@ class WorkerPool(MultiService):
             writer = self._audit_files[key] = FileWriter(Path(path), rotate, max_bytes, keep)
         return writer
 
+    def write_audit(self, path: str, rotate: str, max_bytes: int, keep: int, line: str) -> None:
+        """One audit line from a worker. A file that cannot be written is logged once until it can
+        be again (the writer opens it afresh at the next line); ``on_write_error = "refuse"`` is
+        refused at start with workers, so no worker relies on these lines to let mail move."""
+        try:
+            self.audit_file(path, rotate, max_bytes, keep).write(line)
+        except OSError as error:
+            if path not in self._audit_failing:
+                self._audit_failing.add(path)
+                log.error("cannot write the audit file {path}: {error}; records are lost until it can be written",
+                          path=path, error=str(error), event="audit_write_failed")
+            return
+        if path in self._audit_failing:
+            self._audit_failing.discard(path)
+            log.info("the audit file {path} can be written again", path=path, event="audit_resumed")
+
+    def reopen_audit_files(self) -> None:
+        """SIGHUP (logrotate): every audit file this parent writes is opened again by name, whatever
+        becomes of the reload."""
+        for (path, *_rest), writer in self._audit_files.items():
+            try:
+                writer.reopen()
+            except OSError as error:
+                log.error("cannot open the audit file {path} again: {error}", path=path, error=str(error))
+
     # -- SIGHUP: all or nothing ----------------------------------------------------------------------
 
     def reload(self) -> Deferred[bool]:
         """Check the file, have every worker prepare it, then have all switch, or none."""
         from .tap import validated_config
+
+        self.reopen_audit_files()
 
         path = self.config.path
         try:

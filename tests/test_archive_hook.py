@@ -22,13 +22,14 @@ from popproxy.config import ConfigError, parse_config
 from popproxy.hooks import archive
 from popproxy.hooks.archive import ArchiveError, ArchiveHook, maildir_folder
 from popproxy.hooks.interfaces import (
+    HookNotStarted,
     MessageContext,
     MessageFacts,
     SessionFacts,
     Verdict,
 )
 from popproxy.hooks.pipeline import ordered, run_message_hooks
-from popproxy.hooks.registry import build_hooks
+from popproxy.hooks.registry import build_hooks, start_hooks
 
 from support.configs import PREAMBLE
 
@@ -292,8 +293,13 @@ def test_no_user_no_archive(tmp_path: Path) -> None:
 async def test_process_archives_in_a_thread_and_returns_the_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
 
+    from twisted.internet import reactor
+
     threads: list[str] = []
     hook = ArchiveHook("archive", tmp_path)
+    with pytest.raises(HookNotStarted):
+        hook.process(MESSAGE, context())
+    hook.start(reactor)  # the service's reactor: its thread pool does the file work
     real_store = hook.store
 
     def store(user: str, message: bytes) -> Path:
@@ -327,7 +333,7 @@ on_error = "refuse"
 """,
         tmp_path / "popproxy.toml",
     )
-    result = await run_message_hooks(build_hooks(config), MESSAGE, context(), reactor)
+    result = await run_message_hooks(start_hooks(build_hooks(config), reactor), MESSAGE, context(), reactor)
     assert result.refused
     assert result.notes[0].startswith("strict: ArchiveError: cannot make the Maildir")
 
@@ -356,7 +362,7 @@ stage = "received"
         tmp_path / "popproxy.toml",
     )
     ctx = context()
-    result = await run_message_hooks(ordered(build_hooks(config)), MESSAGE, ctx, reactor)
+    result = await run_message_hooks(ordered(start_hooks(build_hooks(config), reactor)), MESSAGE, ctx, reactor)
     assert result.message == b"X-Rewritten: yes\r\n" + MESSAGE
     (received,) = (tmp_path / "received" / "alice@example.org" / "new").iterdir()
     (delivered,) = (tmp_path / "delivered" / "alice@example.org" / "new").iterdir()

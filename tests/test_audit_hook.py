@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
+import socket
 import syslog
 from pathlib import Path
 from typing import Any
@@ -70,12 +72,13 @@ def test_scripted_session_records(tmp_path: Path, message_hook: bool) -> None:
     text = log.read_text()
     assert PASSWORD not in text and auth.decode() not in text and "wrong" not in text
     rows = records(log)
-    assert [row["event"] for row in rows] == ["session_open", "auth", "auth", "retr", "top", "dele", "session_close"]
+    assert [row["event"] for row in rows] == ["session_open", "auth", "auth", "retr", "top", "dele", "commit",
+                                              "session_close"]
     for row in rows:
         assert row["session_id"] == rows[0]["session_id"]
         assert row["ts"].endswith("Z") and "T" in row["ts"]
         assert row["client_host"] and isinstance(row["client_port"], int)
-    opened, failed, ok, retr_row, top_row, dele_row, closed = rows
+    opened, failed, ok, retr_row, top_row, dele_row, commit_row, closed = rows
     assert opened["listener"] == "listen[0]" and "user" not in opened
     assert (failed["user"], failed["result"], failed["code"], failed["upstream"]) == ("alice", "refused", "AUTH", "main")
     assert (ok["result"], ok["code"], ok["upstream"]) == ("ok", None, "main")
@@ -91,6 +94,8 @@ def test_scripted_session_records(tmp_path: Path, message_hook: bool) -> None:
     assert top_row["headers"]["Subject"] == "sécond"  # RFC 2047 decoded for the reader
     assert dele_row["number"] == 1 and dele_row["result"] == "ok"
     assert dele_row["message_id"] == "<one@example.org>" and dele_row["sha256"] == retr_row["sha256"]
+    assert dele_row["uidl"] == retr_row["uidl"]
+    assert (commit_row["outcome"], commit_row["numbers"], commit_row["uidls"]) == ("committed", [1], [retr_row["uidl"]])
     assert closed["ended"] == "quit" and closed["user"] == "alice" and closed["upstream"] == "main"
     assert closed["bytes_to_client"] > len(delivered) and closed["duration"] >= 0
 
@@ -109,13 +114,24 @@ def test_size_rotation_keeps_files(tmp_path: Path) -> None:
 
 
 def test_syslog_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    sent: list[tuple[int, str]] = []
-    monkeypatch.setattr(syslog, "syslog", lambda priority, line: sent.append((priority, line)))
-    proxy = make(tmp_path, "syslog = true\n")
-    client, _ = proxy.connect()
-    say(proxy, client, b"QUIT\r\n")
-    assert [json.loads(line)["event"] for _, line in sent] == ["session_open", "session_close"]
-    assert {priority for priority, _ in sent} == {syslog.LOG_INFO}
+    """Records go through the hook's own datagram socket, never the process-wide ``syslog`` module
+    (more in test_audit_syslog.py)."""
+    monkeypatch.setattr(syslog, "syslog", lambda *args: pytest.fail("the syslog module was used"))
+    path = f"/tmp/popproxy-audit-hook-{os.getpid()}.sock"
+    daemon = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    daemon.bind(path)
+    daemon.settimeout(5)
+    try:
+        proxy = make(tmp_path, f'syslog = true\nsyslog_socket = "{path}"\n')
+        client, _ = proxy.connect()
+        say(proxy, client, b"QUIT\r\n")
+        sent = [daemon.recv(65536) for _ in range(2)]
+    finally:
+        daemon.close()
+        os.unlink(path)
+    prefix = b"<22>popproxy-audit[%d]: " % os.getpid()  # RFC 3164: mail.info
+    assert all(datagram.startswith(prefix) for datagram in sent)
+    assert [json.loads(datagram[len(prefix) :])["event"] for datagram in sent] == ["session_open", "session_close"]
 
 
 @pytest.mark.parametrize(
@@ -137,8 +153,9 @@ def test_bad_settings(tmp_path: Path, settings: str, key: str, reason: str) -> N
 
 
 def test_audit_log_on_a_full_disk_does_not_stop_the_session(tmp_path: Path) -> None:
-    """/dev/full: every write fails with ENOSPC. The session is served, the failure is logged once,
-    and no mail is affected (tests run as root, so file modes cannot make a path unwritable)."""
+    """/dev/full: every write fails with ENOSPC. The session is served (``on_write_error = "serve"``,
+    the default), the failure is logged once for the whole episode, and no mail is affected (tests
+    run as root, so file modes cannot make a path unwritable). test_audit_write_errors.py has more."""
     from twisted.logger import globalLogPublisher
 
     seen: list[dict[str, Any]] = []
@@ -151,8 +168,7 @@ def test_audit_log_on_a_full_disk_does_not_stop_the_session(tmp_path: Path) -> N
     finally:
         globalLogPublisher.removeObserver(seen.append)
     assert answer.startswith(b"+OK %d octets\r\n" % len(MESSAGES[0])) and answer.endswith(b"+OK Bye\r\n")
-    failures = [e for e in seen if "session hook {hook} failed" in str(e.get("log_format", ""))]
-    assert failures and all(e["hook"] == "audit-log" for e in failures)
-    assert "No space left on device" in str(failures[0]["log_failure"].value) or failures[0]["log_failure"].check(OSError)
-    # Logged once per kind of event, not once per record.
-    assert len(failures) == len({e["hook_event"] for e in failures})
+    failures = [e for e in seen if e.get("event") == "audit_write_failed"]
+    assert len(failures) == 1 and failures[0]["hook"] == "audit-log"  # once, not once per record
+    assert "No space left on device" in failures[0]["error"]
+    assert not [e for e in seen if "session hook {hook} failed" in str(e.get("log_format", ""))]

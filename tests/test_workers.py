@@ -144,9 +144,13 @@ def test_sigterm_reaches_the_workers_and_the_parent_exits(tmp_path: Path, doveco
         assert len(pids) == WORKERS
         client = log_in(port)
         process.process.send_signal(signal.SIGTERM)
-        # A logged-in session may still finish what it does and QUIT.
-        assert client.stat()[0] == len(dovecot.users["dave"].messages)
-        client.quit()
+        deadline = time.monotonic() + 20
+        while len([e for e in process.events() if e.get("why") == "received SIGTERM"]) < WORKERS:
+            assert time.monotonic() < deadline, "the parent did not pass SIGTERM on to both workers"
+            time.sleep(0.05)
+        # A logged-in session may still QUIT (other new commands get -ERR [SYS/TEMP]), and its QUIT
+        # is answered +OK by the upstream.
+        assert client.quit().startswith(b"+OK")
         assert process.process.wait(timeout=30) == -signal.SIGTERM  # twistd ends by the signal it got
         for pid in pids.values():
             with pytest.raises(ProcessLookupError):
@@ -396,3 +400,18 @@ def test_a_worker_started_after_a_refused_reload_runs_what_the_others_run(proxy:
     wait_serving(proxy, count=WORKERS + 1)
     until_both(proxy, "logged in to", lambda: log_in(proxy.ports[0]).quit())
     assert not [e for e in proxy.events() if e.get("event") == "worker_failed"]
+
+
+def test_an_audit_log_that_refuses_mail_when_it_cannot_write_needs_one_process(tmp_path: Path,
+                                                                                 dovecot: DovecotServer) -> None:
+    """``on_write_error = "refuse"`` with workers would let mail move while the parent loses the
+    records: refused at start (``--check`` too), with the key and the reason."""
+    from popproxy.config import ConfigError
+    from popproxy.tap import validated_config
+
+    hooks = f'[[hook]]\nuse = "audit-log"\npath = "{tmp_path / "audit.jsonl"}"\non_write_error = "refuse"\n'
+    config = write_config(tmp_path, free_port(), dovecot, hooks=hooks)
+    with pytest.raises(ConfigError, match=r"hook\[0\]\.on_write_error: .*needs \[process\] workers = 1"):
+        validated_config(str(config))
+    config.write_text(config.read_text().replace("workers = 2", "workers = 1"))
+    assert validated_config(str(config)).process.workers == 1

@@ -13,10 +13,12 @@ Configuration::
 What it is given depends on where it runs, and ``stage`` says where: the pipeline runs hooks with
 ``stage = "received"`` before all others (they see the upstream's bytes) and hooks with ``stage =
 "delivered"`` after all others (they see what the rewriting hooks made of it), whatever their place
-in the file. The stored octets are exactly those (CRLF line endings, not dot-stuffed). One thing
-the client gets is not in a "delivered" copy: the ``X-Popproxy-Pad`` filler header that popproxy
-puts in front *after* all hooks ran, when rewriting hooks reserved room (see ``pipeline``). So the
-copy's SHA-256 equals the audit log's ``sha256`` only when no filler was added.
+in the file. The stored octets are exactly those (CRLF line endings, not dot-stuffed). A
+"delivered" copy is the message octet for octet as the client gets it from RETR, the
+``X-Popproxy-Pad`` filler header included that keeps its size exact when rewriting hooks reserved
+room (``pipeline``): the pipeline pads the message before the "delivered" hooks run, so the copy's
+SHA-256 is the audit log's ``sha256`` for the same RETR. (A TOP answer is part of the message: its
+``sha256`` is of the part the client got, while the copy, made once, is the whole message.)
 
 **Layout.** The Maildir of user ``u`` is ``<path>/<folder(u)>/{tmp,new,cur}`` (created as needed,
 mode 0700); each message becomes one file in ``new/``. ``folder(u)`` is the user name with every
@@ -32,7 +34,8 @@ created in ``tmp/`` with ``O_CREAT | O_EXCL`` and mode 0600, written, ``fsync``-
 ``<seconds>.M<microseconds>P<pid>Q<counter>.<host>,S=<size>`` (``/``, ``:`` and ``,`` in the host
 name written as ``\\057``, ``\\072`` and ``\\054``; ``S=`` is the size extension Dovecot and
 Courier read). The blocking file work runs in the reactor's thread pool
-(``twisted.internet.threads.deferToThread``) so that a slow disk never stalls other sessions. Any
+(the one the service starts the hook with, ``IStartable``) so that a slow disk never stalls other
+sessions. Any
 failure (a full disk, no permission, ``path`` under a regular file) removes the half-written file
 and fails with ``ArchiveError``; the hook's ``on_error`` policy then decides whether the client gets
 the message anyway (``"pass"``) or ``-ERR [SYS/TEMP]`` (``"refuse"``: nothing is delivered that is
@@ -53,16 +56,18 @@ import hashlib
 import itertools
 import os
 import socket
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from twisted.internet import threads
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from ..config import HookConfig
-from .interfaces import IHookFactory, IMessageHook, IStaged, MessageContext, Verdict
+from .interfaces import HookNotStarted, IHookFactory, IMessageHook, IStaged, IStartable, MessageContext, Verdict
 
 __all__ = ["STAGES", "ArchiveError", "ArchiveHook", "factory", "maildir_folder"]
 
@@ -104,17 +109,13 @@ def _describe(error: OSError) -> str:
     return f"{error.strerror or error}" + (f" ({code})" if code else "")
 
 
-def _in_thread(function: Callable[..., Any], *args: Any) -> Deferred[Any]:
-    from twisted.internet import threads  # imports the reactor: at call time only
-
-    return threads.deferToThread(function, *args)
-
-
-@implementer(IMessageHook, IStaged)
+@implementer(IMessageHook, IStaged, IStartable)
 class ArchiveHook:
     """Stores each message it sees in the user's Maildir under ``base``, and passes it on unchanged.
 
     :ivar stage: ``"received"`` or ``"delivered"``: where the pipeline runs this hook (first or last).
+    :param run_in_thread: how ``store`` is run off the reactor thread (``deferToThread``'s
+        signature); by default in the thread pool of the reactor given to ``start``.
     """
 
     reservation = 0
@@ -125,7 +126,7 @@ class ArchiveHook:
         base: Path,
         stage: str = "delivered",
         *,
-        run_in_thread: Callable[..., Deferred[Any]] = _in_thread,
+        run_in_thread: Callable[..., Deferred[Any]] | None = None,
         host: str | None = None,
     ) -> None:
         if stage not in STAGES:
@@ -139,10 +140,21 @@ class ArchiveHook:
     # The one seam for tests: how the file in tmp/ is opened (os.open's signature).
     _open = staticmethod(os.open)
 
+    def start(self, reactor: Any) -> None:
+        """``IStartable``: the reactor whose thread pool does the file work (``IReactorThreads``),
+        unless a ``run_in_thread`` was given."""
+        if self._run_in_thread is None:
+            def in_pool(function: Callable[..., Any], *args: Any) -> Deferred[Any]:
+                return threads.deferToThreadPool(reactor, reactor.getThreadPool(), function, *args)
+
+            self._run_in_thread = in_pool
+
     def process(self, message: bytes, context: MessageContext) -> Deferred[bytes]:
         user = context.facts.session.user
         if user is None:
             raise ArchiveError("the session has no user yet: nothing to archive under")
+        if self._run_in_thread is None:
+            raise HookNotStarted(f"hook {self.name} was not started")
 
         def stored(path: Path) -> bytes:
             context.add_verdict(Verdict(hook=self.name, details={"archived": str(path)}))
@@ -172,7 +184,8 @@ class ArchiveHook:
         final = maildir / "new" / name
         try:
             try:
-                os.fchmod(fd, 0o600)  # exactly 0600, whatever the umask
+                if stat.S_ISREG(os.fstat(fd).st_mode):  # (never a device a test put there: /dev/full)
+                    os.fchmod(fd, 0o600)  # exactly 0600, whatever the umask
                 view = memoryview(message)
                 while view:
                     view = view[os.write(fd, view) :]

@@ -11,7 +11,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from .interfaces import IRecordsHeaders, SessionFacts
+from .interfaces import IListingObserver, IRecordsHeaders, SessionFacts
 from .registry import BuiltHook
 
 log = Logger()
@@ -24,6 +24,8 @@ _CALLS: dict[str, Callable[..., None]] = {
     "command_done": lambda hook, session, command, argument, ok: hook.command_done(session, command, argument, ok),
     "message_delivered": lambda hook, session, delivery: hook.message_delivered(session, delivery),
     "session_closed": lambda hook, session, summary: hook.session_closed(session, summary),
+    "mailbox_listed": lambda hook, session, uidls: (
+        hook.mailbox_listed(session, uidls) if IListingObserver.providedBy(hook) else None),
 }
 
 
@@ -33,6 +35,8 @@ class SessionEvents:
     def __init__(self, hooks: Sequence[BuiltHook]) -> None:
         self._hooks = [built for built in hooks if built.is_session_hook]
         self._failed: set[tuple[str, str]] = set()
+        self._opened: set[int] = set()  # hooks told of session_opened: they are told of session_closed
+        self._closed = False
 
     def __bool__(self) -> bool:
         return bool(self._hooks)
@@ -48,8 +52,15 @@ class SessionEvents:
 
     def emit(self, event: str, session: SessionFacts, *args: Any) -> None:
         call = _CALLS[event]
-        for built in self._hooks:
-            if session.user is not None and not built.config.applies_to(session.user):
+        if self._closed:
+            return  # nothing after session_closed: hooks drop a session's state there
+        if event == "session_closed":
+            self._closed = True
+        for index, built in enumerate(self._hooks):
+            applies = session.user is None or built.config.applies_to(session.user)
+            if event == "session_opened" and applies:
+                self._opened.add(index)
+            if not applies and not (event == "session_closed" and index in self._opened):
                 continue
             try:
                 call(built.hook, session, *args)

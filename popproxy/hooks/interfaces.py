@@ -173,6 +173,15 @@ class IWantsListing(Interface):
     LIST and UIDL once at login (a few octets a message), as it does for message hooks."""
 
 
+class IListingObserver(IWantsListing):
+    """A session hook that wants the mailbox's UIDLs themselves (the audit log: a DELE of a message
+    never fetched is named by its UIDL)."""
+
+    def mailbox_listed(session: SessionFacts, uidls: Mapping[int, str]) -> None:
+        """The UIDL of each message number, read once at login; a read-only view of the session's
+        own mapping, valid until ``session_closed``."""
+
+
 class IStaged(Interface):
     """A message hook that must see the message at a particular point of the pipeline."""
 

@@ -19,7 +19,7 @@ from twisted.internet.defer import CancelledError, TimeoutError, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from .interfaces import MessageContext, MessageRefused
+from .interfaces import IStaged, MessageContext, MessageRefused
 from .registry import BuiltHook
 from .sizing import (  # noqa: F401  (re-exported: the pipeline's public names)
     CRLF,
@@ -50,15 +50,24 @@ def _check(result: object, before: bytes, allowed: int, name: str) -> bytes:
 
 
 async def run_message_hooks(
-    hooks: Sequence[BuiltHook], message: bytes, context: MessageContext, clock: IReactorTime
+    hooks: Sequence[BuiltHook], message: bytes, context: MessageContext, clock: IReactorTime, size: int | None = None
 ) -> PipelineResult:
     """Run ``hooks`` in order over ``message``; each sees what the one before returned.
 
     Never raises: every failure becomes a note and is handled by the failing hook's policy.
     """
     notes: list[str] = []
+    padded = size is None
     for built in hooks:
         config = built.config
+        if not padded and IStaged.providedBy(built.hook) and built.hook.stage == "delivered":
+            # What the client gets, filler included: one message, one SHA-256 (archive, audit log).
+            padded = True
+            try:
+                message = pad_to(message, size)  # type: ignore[arg-type]
+            except HookFailure as error:
+                notes.append(f"size: {error}; refused")
+                return PipelineResult(None, tuple(context.verdicts.values()), notes)
         if context.facts.upstream_size > config.max_size:
             notes.append(f"{config.name}: not scanned, {context.facts.upstream_size} octets > max_size {config.max_size}")
             continue

@@ -248,7 +248,7 @@ class Hooked(Answer):
         self._message = None
         if message is None:
             return self.refuse(notes, verdicts)
-        if self._mailbox.extra(self.number):
+        if self._mailbox.extra(self.number) and len(message) != self._mailbox.reported_size(self.number):
             try:
                 message = pad_to(message, self._mailbox.reported_size(self.number))
             except HookFailure as error:

@@ -498,8 +498,9 @@ class ClientProtocol(Protocol):
         number = effect.number
         facts = MessageFacts(session=self.session_facts(), number=number, uidl=mailbox.uidls.get(number),
                              upstream_size=mailbox.sizes[number])
+        size = mailbox.reported_size(number) if mailbox.extra(number) else None
         running = ensureDeferred(run_message_hooks(mailbox.hooks_for(number), effect.message,
-                                                   MessageContext(facts), self.settings.clock))
+                                                   MessageContext(facts), self.settings.clock, size))
 
         def done(result: Any) -> None:
             self.machine.hooks_done(effect.ticket, result.message, result.verdicts, result.notes)

@@ -33,6 +33,7 @@ import functools
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import ParamSpec
 
 from zope.interface import implementer
@@ -423,6 +424,8 @@ class SessionMachine:
                   event="login", user=user, upstream=upstream, result="ok")
         self._set_session_timer(self._limits.idle_timeout)
         self._notify_authenticated("ok", None, user, upstream)
+        if self.mailbox is not None:
+            self._emit(Notify("mailbox_listed", (MappingProxyType(self.mailbox.uidls),)))
         self._answer(ok("Logged in."))
 
     @_settles
