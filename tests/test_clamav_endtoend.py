@@ -8,8 +8,6 @@ from __future__ import annotations
 import email
 import json
 import poplib
-import socket
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from email import policy as email_policy
@@ -18,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from support.badscanner import BadScanner
 from support.clamd import (
     EICAR,
     SIGNATURE_FOUND,
@@ -40,29 +39,6 @@ def large_message() -> bytes:
     head = b"From: a@example.org\r\nSubject: a large one\r\nMessage-ID: <large@popproxy.test>\r\n\r\n"
     line = b"All work and no play makes a large message, line of seventy-odd octets.\r\n"
     return head + line * (4 * STREAM_MAX_LENGTH // len(line))
-
-
-class Silent:
-    """A "clamd" that accepts connections and never answers."""
-
-    def __init__(self) -> None:
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self._open: list[socket.socket] = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            self._open.append(conn)
-
-    def close(self) -> None:
-        self._listener.close()
-        for conn in self._open:
-            conn.close()
 
 
 class Chain:
@@ -110,7 +86,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory, dovecot: DovecotServer, clam
     dovecot.add_user("clam-replace", PASSWORD, [*ham, eicar_message()])
     hooks.append(f'[[hook]]\nuse = "clamav"\nname = "av-replace"\nusers = ["clam-replace"]\n'
                  f'socket = "{clamd.socket_path}"\naction = "replace"\n')
-    silent = Silent()
+    silent = BadScanner()
     for fault in FAULTS:
         for policy in ("pass", "refuse"):
             user = f"clam-{fault}-{policy}"

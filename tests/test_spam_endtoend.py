@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import email
 import poplib
-import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from support.badscanner import BadScanner
 from support.dovecot import DovecotServer
 from support.fetchmail import fetchmail_poll
 from support.mailbox import corpus
@@ -26,37 +25,6 @@ PASSWORD = "spam-pw-9d2e"
 def gtube_message() -> bytes:
     return (b"From: Spammer <spam@example.net>\r\nTo: you@example.org\r\nSubject: Cheap watches\r\n"
             b"Message-ID: <gtube@popproxy.test>\r\n\r\nBuy now.\r\n" + GTUBE + b"\r\n.a dotted line\r\n")
-
-
-class BadBackend:
-    """A scanner that accepts connections and then is slow (never answers) or talks nonsense."""
-
-    def __init__(self, answer: bytes | None) -> None:
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self._answer = answer
-        self._open: list[socket.socket] = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            self._open.append(conn)
-            if self._answer is not None:
-                try:
-                    conn.recv(65536)
-                    conn.sendall(self._answer)
-                    conn.close()
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self._listener.close()
-        for conn in self._open:
-            conn.close()
 
 
 FAULTS = ("down", "slow", "garbage")
@@ -88,7 +56,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory, dovecot: DovecotServer, spam
         '[[hook]]\nuse = "rspamd"\nname = "rs"\nusers = ["scanned"]\n'
         f'address = "{rspamd.address}"\nheader_prefix = "X-Rspamd-"\ntimeout = 20\n',
     ]
-    backends: list[BadBackend] = []
+    backends: list[BadScanner] = []
     for backend in ("spamassassin", "rspamd"):
         for fault in FAULTS:
             for policy in ("pass", "refuse"):
@@ -97,7 +65,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory, dovecot: DovecotServer, spam
                 if fault == "down":
                     address = f"127.0.0.1:{free_port()}"
                 else:
-                    bad = BadBackend(GARBAGE[backend] if fault == "garbage" else None)
+                    bad = BadScanner(GARBAGE[backend] if fault == "garbage" else None)
                     backends.append(bad)
                     address = f"127.0.0.1:{bad.port}"
                 hooks.append(
