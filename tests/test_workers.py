@@ -415,3 +415,26 @@ def test_an_audit_log_that_refuses_mail_when_it_cannot_write_needs_one_process(t
         validated_config(str(config))
     config.write_text(config.read_text().replace("workers = 2", "workers = 1"))
     assert validated_config(str(config)).process.workers == 1
+
+
+def test_workers_stop_when_their_parent_is_killed(tmp_path: Path, dovecot: DovecotServer) -> None:
+    """No orphans holding the port: a worker whose AMP connection to the parent ends stops (its
+    sessions get shutdown_grace, here none are open)."""
+    port = free_port()
+    process = ProxyProcess(write_config(tmp_path, port, dovecot), [port], tmp_path, json=True)
+    try:
+        wait_serving(process)
+        pids = worker_pids(process)
+        process.process.kill()
+        process.process.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        alive = list(pids.values())
+        while alive:
+            assert time.monotonic() < deadline, f"workers {alive} outlived their parent"
+            time.sleep(0.05)
+            alive = [pid for pid in alive if Path(f"/proc/{pid}").exists() and
+                     Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"]
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    finally:
+        process.stop()
