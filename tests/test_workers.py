@@ -417,6 +417,14 @@ def test_an_audit_log_that_refuses_mail_when_it_cannot_write_needs_one_process(t
     assert validated_config(str(config)).process.workers == 1
 
 
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (not gone, not a zombie waiting to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
 def test_workers_stop_when_their_parent_is_killed(tmp_path: Path, dovecot: DovecotServer) -> None:
     """No orphans holding the port: a worker whose AMP connection to the parent ends stops (its
     sessions get shutdown_grace, here none are open)."""
@@ -432,8 +440,7 @@ def test_workers_stop_when_their_parent_is_killed(tmp_path: Path, dovecot: Dovec
         while alive:
             assert time.monotonic() < deadline, f"workers {alive} outlived their parent"
             time.sleep(0.05)
-            alive = [pid for pid in alive if Path(f"/proc/{pid}").exists() and
-                     Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"]
+            alive = [pid for pid in alive if running(pid)]
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
     finally:
