@@ -268,6 +268,8 @@ class LimitsConfig:
     ip_table_size: int = 65536  # client addresses whose counters are kept (least recent dropped)
     ip_allowlist: tuple[IPNetwork, ...] = ()  # exempt from per-address limits and penalties (NAT)
     shutdown_grace: float = 30.0  # SIGTERM: seconds sessions get to finish
+    spool_above: int = 1048576  # octets of a message for hooks kept in memory; beyond, in a temporary file
+    spool_dir: str = ""  # where those files are made (empty: the system's temporary directory)
 
 
 class HookOptions:
@@ -773,6 +775,12 @@ def _limits(t: _Table) -> LimitsConfig:
             continue
         if name == "ip_allowlist":
             values[name] = _networks(t, name, (), allow_empty=True)
+        elif name == "spool_dir":
+            folder = t.take(name, str)
+            path = (t.path.parent / folder) if folder else None
+            if path is not None and not path.is_dir():
+                raise t.error(name, f"{path}: no such directory")
+            values[name] = str(path) if path is not None else ""
         elif isinstance(default, float):
             values[name] = _seconds(t, name, default)
         else:

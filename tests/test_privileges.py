@@ -84,6 +84,11 @@ def test_binds_privileged_ports_then_runs_unprivileged(workdir: Path, dovecot: D
     proxy = ProxyProcess(config, [plain, implicit], workdir, extra=("-u", str(uid), "-g", str(gid)), json=True)
     dave = dovecot.users["dave"]
     try:
+        # The ports accept before twistd drops privileges (they are bound first, on purpose): wait
+        # for the drop itself.
+        deadline = time.monotonic() + 10
+        while _ids(proxy.process.pid) != (uid, gid) and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert _ids(proxy.process.pid) == (uid, gid)
         if workers > 1:
             deadline = time.monotonic() + 30

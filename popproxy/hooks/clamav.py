@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -53,7 +54,16 @@ from zope.interface import implementer
 
 from ..config import HookConfig
 from ..quiet import connect_quietly
-from .interfaces import HookNotStarted, IHookFactory, IMessageHook, IStartable, MessageContext, MessageRefused, Verdict
+from .interfaces import (
+    HookNotStarted,
+    IChunkedHook,
+    IHookFactory,
+    IMessageHook,
+    IStartable,
+    MessageContext,
+    MessageRefused,
+    Verdict,
+)
 from .mimesplice import header_fields
 from .spamheaders import ServerAddress, clean, read_server
 
@@ -73,6 +83,8 @@ DEFAULT_PORT: Final = 3310
 ACTIONS: Final = ("refuse", "replace")
 #: Octets of message per INSTREAM chunk.
 CHUNK_SIZE: Final = 64 * 1024
+#: Octets of a spooled message kept while it is scanned, for the header fields of a notice.
+HEAD_KEPT: Final = 64 * 1024
 #: The most octets of answer read from clamd; its answers are one short line.
 MAX_REPLY: Final = 4096
 #: The longest signature name written into a notice (longer ones are cut, ending in "...").
@@ -130,20 +142,17 @@ def parse_reply(data: bytes, where: str) -> ClamdAnswer:
 class _Chunks:
     """Writes the message as INSTREAM chunks, one each time the connection asks for more."""
 
-    def __init__(self, consumer: IConsumer, message: bytes, chunk_size: int) -> None:
+    def __init__(self, consumer: IConsumer, pieces: Iterator[bytes]) -> None:
         self._consumer = consumer
-        self._message = memoryview(message)
-        self._chunk_size = chunk_size
-        self._offset = 0
+        self._pieces = pieces
         self.done = False
 
     def resumeProducing(self) -> None:
         if self.done:
             return
-        chunk = self._message[self._offset : self._offset + self._chunk_size]
+        chunk = next(self._pieces, b"")
         if chunk:
-            self._offset += len(chunk)
-            self._consumer.write(struct.pack(">I", len(chunk)) + chunk.tobytes())
+            self._consumer.write(struct.pack(">I", len(chunk)) + chunk)
             return
         self.done = True
         self._consumer.write(_END_OF_STREAM)
@@ -151,6 +160,12 @@ class _Chunks:
 
     def stopProducing(self) -> None:
         self.done = True
+
+
+def _pieces(message: bytes, size: int) -> Iterator[bytes]:
+    view = memoryview(message)
+    for start in range(0, len(message), size):
+        yield view[start : start + size].tobytes()
 
 
 class InstreamProtocol(Protocol):
@@ -164,10 +179,10 @@ class InstreamProtocol(Protocol):
     # A TCP or UNIX connection: both provide ITCPTransport (abortConnection) and IConsumer.
     transport: ITCPTransport | None
 
-    def __init__(self, message: bytes, where: str, chunk_size: int = CHUNK_SIZE) -> None:
-        self._message = message
+    def __init__(self, message: bytes | Iterable[bytes], where: str, chunk_size: int = CHUNK_SIZE) -> None:
+        """``message``: bytes, or its pieces (a spooled message read from its file), in order."""
+        self._pieces = _pieces(message, chunk_size) if isinstance(message, bytes) else iter(message)
         self._where = where
-        self._chunk_size = chunk_size
         self._chunks: _Chunks | None = None
         self._buffer = bytearray()
         self.answer: Deferred[ClamdAnswer] = Deferred(self._cancel)
@@ -176,7 +191,7 @@ class InstreamProtocol(Protocol):
         assert self.transport is not None
         consumer = IConsumer(self.transport)
         consumer.write(b"zINSTREAM\0")
-        self._chunks = _Chunks(consumer, self._message, self._chunk_size)
+        self._chunks = _Chunks(consumer, self._pieces)
         consumer.registerProducer(self._chunks, False)
 
     def dataReceived(self, data: bytes) -> None:
@@ -275,7 +290,7 @@ def replacement(message: bytes, signature: str) -> bytes:
 # --- the hook --------------------------------------------------------------------------------------
 
 
-@implementer(IMessageHook, IStartable)
+@implementer(IMessageHook, IChunkedHook, IStartable)
 class ClamavHook:
     """Has clamd scan each message; records the verdict and refuses or replaces a message with a
     virus (``action``). ``reservation`` is :data:`NOTICE_RESERVATION` to replace, 0 to refuse.
@@ -310,11 +325,33 @@ class ClamavHook:
         the connection."""
         return Deferred.fromCoroutine(self._process(message, context))
 
+    def process_chunks(self, chunks: Iterator[bytes], size: int, context: MessageContext) -> Deferred[bytes | None]:
+        """``IChunkedHook``: a spooled message, scanned as it is read from its file; None if it is
+        clean (it is delivered from the file), else as ``process``. The notice of ``replace`` keeps
+        the header fields found in the first ``HEAD_KEPT`` octets."""
+        head = bytearray()
+
+        def keeping_the_head(chunks: Iterator[bytes]) -> Iterator[bytes]:
+            for chunk in chunks:
+                if len(head) < HEAD_KEPT:
+                    head.extend(chunk[: HEAD_KEPT - len(head)])
+                yield chunk
+
+        async def judged() -> bytes | None:
+            answer = await self.scan(keeping_the_head(chunks))
+            return self._judge(answer, bytes(head), context)
+
+        return Deferred.fromCoroutine(judged())
+
     async def _process(self, message: bytes, context: MessageContext) -> bytes:
         answer = await self.scan(message)
+        return self._judge(answer, message, context) or message
+
+    def _judge(self, answer: ClamdAnswer, message: bytes, context: MessageContext) -> bytes | None:
+        """None for a clean message; the notice (``replace``); or ``VirusFound`` (``refuse``)."""
         context.add_verdict(Verdict(hook=self.name, details={"virus": answer.virus}))
         if answer.virus is None:
-            return message
+            return None
         facts = context.facts
         log.info(
             "{hook}: virus {virus} in message {number} of {user}; {action}",
@@ -330,8 +367,9 @@ class ClamavHook:
             raise VirusFound(answer.virus)
         return replacement(message, answer.virus)
 
-    async def scan(self, message: bytes) -> ClamdAnswer:
-        """Send ``message`` to clamd with ``INSTREAM`` on a connection of its own; return its verdict.
+    async def scan(self, message: bytes | Iterator[bytes]) -> ClamdAnswer:
+        """Send ``message`` (or its pieces) to clamd with ``INSTREAM`` on a connection of its own;
+        return its verdict.
 
         Connecting and waiting for the answer share the hook's ``timeout``.
         """

@@ -17,7 +17,7 @@ a built-in name, the name of an entry point in the ``popproxy.hooks`` group, or 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,6 +120,19 @@ class IMessageHook(Interface):
         client whatever ``on_error`` says. A returned Deferred may be cancelled when the hook's
         ``timeout`` expires: give it a canceller that drops whatever connection it holds.
         """
+
+
+class IChunkedHook(IMessageHook):
+    """A message hook that can read a message in chunks (a scanner that streams it, as clamd's
+    INSTREAM does). A message larger than ``[limits] spool_above`` is kept in a temporary file, not
+    in memory; such a hook is then given its chunks, and the message is delivered from the file
+    unless the hook returns a new one. A hook that only has ``process`` is given the message whole,
+    in memory, as ever (its ``max_size`` bounds what that costs)."""
+
+    def process_chunks(chunks: Iterator[bytes], size: int, context: MessageContext) -> Any:
+        """Read the message (``size`` octets, un-dot-stuffed, CRLF line endings) from ``chunks``;
+        return None (or a Deferred firing with None) to leave it as it is, or the whole new message
+        as bytes, as ``process`` would. Raise as ``process`` would (``on_error``, ``MessageRefused``)."""
 
 
 class ISessionHook(Interface):

@@ -19,7 +19,8 @@ from twisted.internet.defer import CancelledError, TimeoutError, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from .interfaces import IStaged, MessageContext, MessageRefused
+from ..protocol.spool import Spool
+from .interfaces import IChunkedHook, IStaged, MessageContext, MessageRefused
 from .registry import BuiltHook
 from .sizing import (  # noqa: F401  (re-exported: the pipeline's public names)
     CRLF,
@@ -35,7 +36,7 @@ from .sizing import (  # noqa: F401  (re-exported: the pipeline's public names)
 log = Logger()
 
 
-def _check(result: object, before: bytes, allowed: int, name: str) -> bytes:
+def _check(result: object, before: int, allowed: int, name: str) -> bytes:
     """The hook's result, in the form the proxy relays, or ``HookFailure``."""
     if not isinstance(result, (bytes, bytearray, memoryview)):
         raise HookFailure(f"returned {type(result).__name__}, not bytes")
@@ -44,15 +45,20 @@ def _check(result: object, before: bytes, allowed: int, name: str) -> bytes:
     # may be the untouched bytes of a binary part, and they cannot forge a terminator.
     if result and not result.endswith(CRLF):
         result += CRLF
-    if len(result) > len(before) + allowed:
-        raise HookFailure(f"grew the message by {len(result) - len(before)} octets, more than its reservation of {allowed}")
+    if len(result) > before + allowed:
+        raise HookFailure(f"grew the message by {len(result) - before} octets, more than its reservation of {allowed}")
     return result
 
 
 async def run_message_hooks(
-    hooks: Sequence[BuiltHook], message: bytes, context: MessageContext, clock: IReactorTime, size: int | None = None
+    hooks: Sequence[BuiltHook], message: bytes | Spool, context: MessageContext, clock: IReactorTime,
+    size: int | None = None
 ) -> PipelineResult:
     """Run ``hooks`` in order over ``message``; each sees what the one before returned.
+
+    A message kept in a ``Spool`` file (larger than ``[limits] spool_above``) goes in chunks to the
+    hooks that read chunks (``IChunkedHook``) and stays in its file while they leave it unchanged;
+    a hook that takes bytes gets it whole, and from then on the message is bytes.
 
     Never raises: every failure becomes a note and is handled by the failing hook's policy.
     """
@@ -63,6 +69,8 @@ async def run_message_hooks(
         if not padded and IStaged.providedBy(built.hook) and built.hook.stage == "delivered":
             # What the client gets, filler included: one message, one SHA-256 (archive, audit log).
             padded = True
+            if isinstance(message, Spool):
+                message = message.read()  # the delivered stage takes bytes: its hooks' max_size bounds it
             try:
                 message = pad_to(message, size)  # type: ignore[arg-type]
             except HookFailure as error:
@@ -72,9 +80,17 @@ async def run_message_hooks(
             notes.append(f"{config.name}: not scanned, {context.facts.upstream_size} octets > max_size {config.max_size}")
             continue
         try:
-            pending = maybeDeferred(built.hook.process, message, context)
-            pending.addTimeout(config.timeout, clock)
-            result = _check(await pending, message, built.hook.reservation, config.name)
+            if isinstance(message, Spool) and IChunkedHook.providedBy(built.hook):
+                pending = maybeDeferred(built.hook.process_chunks, message.chunks(), message.size, context)
+                pending.addTimeout(config.timeout, clock)
+                outcome = await pending
+                result = message if outcome is None else _check(outcome, message.size, built.hook.reservation,
+                                                                config.name)
+            else:
+                data = message.read() if isinstance(message, Spool) else message
+                pending = maybeDeferred(built.hook.process, data, context)
+                pending.addTimeout(config.timeout, clock)
+                result = _check(await pending, len(data), built.hook.reservation, config.name)
         except MessageRefused as refusal:  # the hook's decision, not its failure: on_error does not apply
             log.info(
                 "hook {hook} refused message {number} of {user}: {reason}",

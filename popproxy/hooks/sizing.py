@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from .interfaces import IStaged, Verdict
 
 if TYPE_CHECKING:
+    from ..protocol.spool import Spool
     from .registry import BuiltHook
 
 CRLF = b"\r\n"
@@ -36,7 +37,7 @@ class PipelineResult:
     log and the operator's log).
     """
 
-    message: bytes | None
+    message: bytes | Spool | None
     verdicts: tuple[Verdict, ...] = ()
     notes: list[str] = field(default_factory=list)
 

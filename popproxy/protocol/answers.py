@@ -13,14 +13,16 @@ upstream's body-line limit which the reader enforces.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Generator, Iterator
 
 from ..hooks.interfaces import Delivery, Verdict
-from ..hooks.sizing import HookFailure, pad_to
+from ..hooks.sizing import FILLER_MIN, HookFailure, filler, pad_to
 from ..pop3 import capa
 from ..pop3.wire import CRLF, err, is_ok, ok, stuff_body, stuff_line, unstuff_lines
 from .mailbox import MailboxView, top_of
 from .meter import DeliveryMeter, StreamingUnstuffer
+from .spool import Spool, StreamingStuffer, top_chunks
 
 #: The answer to RETR or TOP of a message that a hook refused (the client leaves it on the server).
 REFUSED = err("Message temporarily unavailable, try again later.", "SYS/TEMP")
@@ -57,7 +59,7 @@ class Answer:
         return b""
 
     @property
-    def wants_hooks(self) -> bytes | None:
+    def wants_hooks(self) -> bytes | Spool | None:
         """After ``end``: the message the hooks must see before the answer can be written, if any."""
         return None
 
@@ -188,7 +190,9 @@ class Hooked(Answer):
     """
 
     def __init__(self, command: str, number: int, top_lines: int | None, mailbox: MailboxView,
-                 report: Report | None, wanted_headers: frozenset[str]) -> None:
+                 report: Report | None, wanted_headers: frozenset[str], spool: Spool | None = None) -> None:
+        """``spool``: where the message is collected (in memory up to its threshold, then in a file);
+        by default all in memory."""
         super().__init__()
         self.number = number
         self.command = command
@@ -197,10 +201,10 @@ class Hooked(Answer):
         self._report = report
         self._wanted = wanted_headers
         self._unstuffer = StreamingUnstuffer()
-        self._collected = bytearray()
+        self._collected = spool if spool is not None else Spool(threshold=1 << 62)
         self._limit = 2 * mailbox.sizes[number] + 1024
         self.overflow = False
-        self._message: bytes | None = None
+        self._message: bytes | Spool | None = None
 
     def status(self, line: bytes, has_body: bool) -> bytes:
         super().status(line, has_body)
@@ -208,10 +212,10 @@ class Hooked(Answer):
 
     def body(self, data: bytes) -> bytes:
         if not self.overflow:
-            self._collected += self._unstuffer.feed(data)
-            if len(self._collected) > self._limit:
+            self._collected.write(self._unstuffer.feed(data))
+            if self._collected.size > self._limit:
                 self.overflow = True
-                self._collected = bytearray()
+                self._collected.close()
         return b""
 
     def end(self) -> bytes:
@@ -221,13 +225,16 @@ class Hooked(Answer):
                 self._report(delivery(self.command, self.number or 0, self._mailbox, None, scanned=False, outcome="error"))
             return b""
         if not self.overflow:
-            self._collected += self._unstuffer.finish()
-            self._message = bytes(self._collected)
-        self._collected = bytearray()
+            self._collected.write(self._unstuffer.finish())
+            if self._collected.spooled:
+                self._message = self._collected  # stays in its file
+            else:
+                self._message = self._collected.read()
+                self._collected.close()
         return b""
 
     @property
-    def wants_hooks(self) -> bytes | None:
+    def wants_hooks(self) -> bytes | Spool | None:
         return self._message
 
     def refuse(self, notes: list[str], verdicts: tuple[Verdict, ...] = ()) -> bytes:
@@ -236,18 +243,25 @@ class Hooked(Answer):
         assert self.number is not None
         self.succeeded = False
         self._message = None
+        self._collected.close()
         self._mailbox.refused.add(self.number)
         if self._report is not None:
             self._report(delivery(self.command, self.number, self._mailbox, None, scanned=True, outcome="refused",
                                   verdicts=verdicts, notes=notes))
         return REFUSED
 
-    def finish(self, message: bytes | None, verdicts: tuple[Verdict, ...], notes: list[str]) -> bytes:
-        """The client's answer for what the hooks made of the message (None: a hook refused it)."""
+    def finish(self, message: bytes | Spool | None, verdicts: tuple[Verdict, ...],
+               notes: list[str]) -> bytes | Generator[bytes, None, None]:
+        """The client's answer for what the hooks made of the message (None: a hook refused it): bytes,
+        or, for a message still in its spool file, the answer's pieces to write as the client takes
+        them."""
         assert self.number is not None
         self._message = None
         if message is None:
             return self.refuse(notes, verdicts)
+        if isinstance(message, Spool):
+            return self._from_spool(message, verdicts, notes)
+        self._collected.close()
         if self._mailbox.extra(self.number) and len(message) != self._mailbox.reported_size(self.number):
             try:
                 message = pad_to(message, self._mailbox.reported_size(self.number))
@@ -257,6 +271,45 @@ class Hooked(Answer):
             self._mailbox.remember(self.number, message)
         return processed_answer(self.command, self.number, message, self.top_lines, self._mailbox, self._report,
                                 self._wanted, verdicts=verdicts, notes=notes)
+
+
+    def _from_spool(self, spool: Spool, verdicts: tuple[Verdict, ...],
+                    notes: list[str]) -> bytes | Generator[bytes, None, None]:
+        assert self.number is not None
+        prefix = b""
+        if self._mailbox.extra(self.number):
+            missing = self._mailbox.reported_size(self.number) - spool.size
+            if missing < FILLER_MIN:
+                return self.refuse([*notes, f"size: message is {spool.size} octets, more than fit; refused"],
+                                   verdicts)
+            prefix = filler(missing)
+        return self._streamed(spool, prefix, verdicts, notes)
+
+    def _streamed(self, spool: Spool, prefix: bytes, verdicts: tuple[Verdict, ...],
+                  notes: list[str]) -> Generator[bytes, None, None]:
+        """The answer, a chunk at a time from the spool file: the status line, the message
+        dot-stuffed as it is read (the filler header in front where sizes were reserved), the
+        terminator; then the delivery is reported, measured as it went out."""
+        assert self.number is not None
+        try:
+            meter = DeliveryMeter(self._wanted) if self._report is not None else None
+            chunks: Iterator[bytes] = itertools.chain([prefix] if prefix else [], spool.chunks())
+            if self.top_lines is None:
+                yield ok(f"{spool.size + len(prefix)} octets")
+            else:
+                yield ok()
+                chunks = top_chunks(chunks, self.top_lines)
+            stuffer = StreamingStuffer()
+            for chunk in chunks:
+                if meter is not None:
+                    meter.feed_message(chunk)
+                yield stuffer.feed(chunk)
+            yield stuffer.finish()
+            if self._report is not None:
+                self._report(delivery(self.command, self.number, self._mailbox, meter, scanned=True,
+                                      outcome="delivered", verdicts=verdicts, notes=notes))
+        finally:
+            spool.close()
 
 
 def processed_answer(command: str, number: int, message: bytes, top_lines: int | None, mailbox: MailboxView,

@@ -10,6 +10,7 @@ import enum
 from dataclasses import dataclass, field
 
 from .interfaces import Leg
+from .spool import Spool
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +111,7 @@ class RunHooks:
 
     ticket: int
     number: int
-    message: bytes = field(repr=False)
+    message: bytes | Spool = field(repr=False)  # a large one stays in its spool file
 
 
 @dataclass(frozen=True, slots=True)

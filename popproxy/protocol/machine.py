@@ -31,7 +31,7 @@ from __future__ import annotations
 import enum
 import functools
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import ParamSpec
@@ -93,6 +93,7 @@ from .effects import (
 )
 from .interfaces import IFlowTarget, IUpstreamReceiver, Leg
 from .mailbox import MailboxView, MessageCache
+from .spool import Spool
 
 # -- fixed answers ------------------------------------------------------------------------------------
 
@@ -178,7 +179,8 @@ class _Entry:
     ``answer`` and a ``line`` for the upstream.
     """
 
-    __slots__ = ("answer", "close", "data", "done", "fetch", "line", "number", "quit", "render", "ticket", "verb")
+    __slots__ = ("answer", "close", "data", "done", "fetch", "line", "number", "quit", "render", "stream", "ticket",
+                 "verb")
 
     def __init__(self, *, data: bytes = b"", render: Callable[[], bytes] | None = None, answer: Answer | None = None,
                  line: bytes = b"", verb: bytes = b"", number: int | None = None, close: str | None = None) -> None:
@@ -193,6 +195,7 @@ class _Entry:
         self.done = answer is None
         self.quit = verb == b"QUIT"
         self.ticket = 0  # hooks in progress
+        self.stream: Generator[bytes, None, None] | None = None  # a spooled message's answer, written as the client takes it
 
     @property
     def local(self) -> bool:
@@ -486,15 +489,23 @@ class SessionMachine:
         self._queue_close("upstream closed")
 
     @_settles
-    def hooks_done(self, ticket: int, message: bytes | None, verdicts: tuple[Verdict, ...], notes: list[str]) -> None:
-        """The hooks' result for ``RunHooks(ticket)``: the message to deliver, or None (refused)."""
+    def hooks_done(self, ticket: int, message: bytes | Spool | None, verdicts: tuple[Verdict, ...],
+                   notes: list[str]) -> None:
+        """The hooks' result for ``RunHooks(ticket)``: the message to deliver (bytes, or still in its
+        spool file), or None (refused)."""
         entry = self._hooked.pop(ticket, None)
         if entry is None or self.hung_up or not self._queue or self._queue[0] is not entry:
+            if isinstance(message, Spool):
+                message.close()
             return
         answer = entry.answer
         assert isinstance(answer, Hooked)
-        self._write(answer.finish(message, verdicts, notes))
-        self._finish(entry)
+        result = answer.finish(message, verdicts, notes)
+        if isinstance(result, bytes):
+            self._write(result)
+            self._finish(entry)
+        else:
+            entry.stream = result  # written by _flush, a piece at a time, as the client takes it
 
     @_settles
     def hooks_crashed(self, ticket: int) -> None:
@@ -683,6 +694,11 @@ class SessionMachine:
         moved = False
         while self._queue:
             head = self._queue[0]
+            if head.stream is not None:
+                if not self._pump(head):
+                    break
+                moved = True
+                continue  # finishing it flushed what follows (_finish): look at the head again
             if not head.done:
                 break
             if head.local:
@@ -702,6 +718,26 @@ class SessionMachine:
             self._release(Leg.CLIENT, Hold.PIPELINE)
             moved = True
         return moved
+
+    def _pump(self, entry: _Entry) -> bool:
+        """Write ``entry``'s streamed answer while the client takes it: a piece, then the next only
+        if the client's write buffer is not full. True once it is all written."""
+        assert entry.stream is not None
+        if self.hung_up:
+            # Never written in full: it stays undelivered (nothing behind it is committed), and its
+            # spool file goes now rather than being read for nobody.
+            entry.stream.close()
+            entry.stream = None
+            return False
+        while Hold.CLIENT_OUTPUT not in self._client_holds:
+            piece = next(entry.stream, None)
+            if piece is None:
+                entry.stream = None
+                self._finish(entry)
+                return True
+            if piece:
+                self._write(piece)
+        return False
 
     def _log(self, level: str, text: str, **fields: object) -> None:
         self._emit(Log(level, text, fields))
@@ -1006,7 +1042,8 @@ class SessionMachine:
             return Capabilities()
         if verb in _FETCHES and number is not None:
             if mailbox is not None and number not in mailbox.deleted and mailbox.scanned(number):
-                return Hooked(verb.decode(), number, checked.lines, mailbox, report, self.settings.plan.wanted_headers)
+                return Hooked(verb.decode(), number, checked.lines, mailbox, report, self.settings.plan.wanted_headers,
+                              Spool(self._limits.spool_above, self._limits.spool_dir or None))
             if report is not None:
                 return Metered(verb.decode(), number, report, self.settings.plan.wanted_headers, mailbox)
             return Answer()
