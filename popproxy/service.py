@@ -23,6 +23,7 @@ from .protocol.connector import UpstreamConnector
 from .protocol.factory import ProxyFactory
 from .protocol.guard import Guard, ISessionGuard, LocalGuard
 from .protocol.mailbox import MessageCache
+from .protocol.spool import clean_spool_dir
 from .tls import ServerTLS
 
 log = Logger()
@@ -122,6 +123,7 @@ class ProxyService(MultiService):
                 )
 
     def startService(self) -> None:
+        clean_spool_dir(self.config.limits.spool_dir)
         start_hooks(self.hooks, self.reactor)
         super().startService()
         log.info(
@@ -256,6 +258,7 @@ class ProxyService(MultiService):
 
         drained.addErrback(force)
         closed = drained.addCallback(lambda _: _close_hooks(self.hooks))  # drained itself, now a Deferred[None]
+        closed.addCallback(lambda _: clean_spool_dir(self.config.limits.spool_dir))
         return gatherResults([stopped, closed]).addCallback(lambda _: None)
 
 

@@ -233,3 +233,25 @@ def test_a_client_that_hangs_up_mid_stream_gets_nothing_more_and_commits_nothing
     assert not any(isinstance(effect, Write) for effect in h.take())  # nothing more is read for nobody
     assert not run.message.spooled  # its file is gone
     assert not [line for line in h.sent() if line.startswith((b"DELE", b"QUIT"))]
+
+
+def test_stale_spool_files_are_removed_at_start_and_stop(tmp_path: Path) -> None:
+    """Spool files have no name while in use; one with a name is what a process that died left
+    (where the system has no O_TMPFILE): the service removes them when it starts and stops."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from popproxy.service import ProxyService
+
+    from support.configs import proxy_config
+
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    config = proxy_config(tmp_path, extra=f'[limits]\nspool_dir = "{spool_dir}"\n')
+    (spool_dir / "popproxy-spool-stale1").write_bytes(b"x")
+    (spool_dir / "unrelated").write_bytes(b"y")
+    service = ProxyService(config, MemoryReactorClock(), handle_signals=False)
+    service.startService()
+    assert sorted(p.name for p in spool_dir.iterdir()) == ["unrelated"]
+    (spool_dir / "popproxy-spool-stale2").write_bytes(b"x")
+    service.stopService()
+    assert sorted(p.name for p in spool_dir.iterdir()) == ["unrelated"]

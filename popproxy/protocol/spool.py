@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import IO
 
 from ..pop3.wire import CRLF
 
 #: Octets read from a spool file at a time.
 CHUNK = 65536
+#: How spool files start (where the system has no O_TMPFILE they have a name for an instant).
+PREFIX = "popproxy-spool-"
 
 
 class Spool:
@@ -49,7 +52,7 @@ class Spool:
             return
         self._memory += data
         if len(self._memory) > self._threshold:
-            self._file = tempfile.TemporaryFile(dir=self._directory, prefix="popproxy-spool-")
+            self._file = tempfile.TemporaryFile(dir=self._directory, prefix=PREFIX)
             self._file.write(self._memory)
             self._memory = bytearray()
 
@@ -79,6 +82,21 @@ class Spool:
             self._file.close()
             self._file = None
         self._memory = bytearray()
+
+
+def clean_spool_dir(directory: str) -> list[str]:
+    """Remove spool files a process that died left in ``directory`` (the system's temporary folder
+    if empty): at start and at stop. Spool files have no name while in use, so any found is stale.
+    Returns the names removed."""
+    folder = Path(directory or tempfile.gettempdir())
+    removed = []
+    for path in folder.glob(PREFIX + "*"):
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        removed.append(path.name)
+    return removed
 
 
 class StreamingStuffer:
