@@ -362,6 +362,13 @@ class MemoryProxy:
             if not moved:
                 return
 
+    def say(self, client: RecordingClient, data: bytes) -> bytes:
+        """``client`` sends ``data``; everything settles; what the client received since it last
+        looked."""
+        client.send(data)
+        self.settle()
+        return client.take()
+
     def settle(self, horizon: float = 30.0) -> None:
         """Pump, and let time pass through every timer due within ``horizon`` seconds of now
         (login penalties, slow hooks), until nothing moves. Longer timers (login and idle

@@ -16,7 +16,7 @@ import pytest
 from popproxy.config import ConfigError
 from popproxy.hooks.registry import build_hooks
 from popproxy.pop3.wire import unstuff_body
-from popproxy.testing import MemoryProxy, RecordingClient
+from popproxy.testing import MemoryProxy
 
 from support.configs import proxy_config
 
@@ -48,12 +48,6 @@ def make(tmp_path: Path, settings: str, message_hook: bool = False) -> MemoryPro
     return proxy
 
 
-def say(proxy: MemoryProxy, client: RecordingClient, data: bytes) -> bytes:
-    client.send(data)
-    proxy.settle()
-    return client.take()
-
-
 def records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -63,11 +57,11 @@ def test_scripted_session_records(tmp_path: Path, message_hook: bool) -> None:
     log = tmp_path / "audit.jsonl"
     proxy = make(tmp_path, f'path = "{log}"\nheaders = ["From", "Subject"]\n', message_hook)
     client, _ = proxy.connect()
-    say(proxy, client, b"USER alice\r\nPASS wrong\r\n")
+    proxy.say(client, b"USER alice\r\nPASS wrong\r\n")
     auth = base64.b64encode(b"\0alice\0" + PASSWORD.encode())
-    say(proxy, client, b"AUTH PLAIN " + auth + b"\r\n")
-    retr = say(proxy, client, b"RETR 1\r\n")
-    say(proxy, client, b"TOP 2 0\r\nDELE 1\r\nQUIT\r\n")
+    proxy.say(client, b"AUTH PLAIN " + auth + b"\r\n")
+    retr = proxy.say(client, b"RETR 1\r\n")
+    proxy.say(client, b"TOP 2 0\r\nDELE 1\r\nQUIT\r\n")
     delivered = unstuff_body(retr.partition(b"\r\n")[2])
     text = log.read_text()
     assert PASSWORD not in text and auth.decode() not in text and "wrong" not in text
@@ -105,7 +99,7 @@ def test_size_rotation_keeps_files(tmp_path: Path) -> None:
     proxy = make(tmp_path, f'path = "{log}"\nrotate = "size"\nmax_bytes = 2048\nkeep = 2\n')
     for _ in range(12):
         client, _ = proxy.connect()
-        say(proxy, client, b"USER alice\r\nPASS " + PASSWORD.encode() + b"\r\nRETR 1\r\nQUIT\r\n")
+        proxy.say(client, b"USER alice\r\nPASS " + PASSWORD.encode() + b"\r\nRETR 1\r\nQUIT\r\n")
     rotated = sorted(p.name for p in tmp_path.glob("audit.jsonl.*"))
     assert rotated == ["audit.jsonl.1", "audit.jsonl.2"]
     for path in [log, *tmp_path.glob("audit.jsonl.*")]:
@@ -124,7 +118,7 @@ def test_syslog_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     try:
         proxy = make(tmp_path, f'syslog = true\nsyslog_socket = "{path}"\n')
         client, _ = proxy.connect()
-        say(proxy, client, b"QUIT\r\n")
+        proxy.say(client, b"QUIT\r\n")
         sent = [daemon.recv(65536) for _ in range(2)]
     finally:
         daemon.close()
@@ -163,8 +157,8 @@ def test_audit_log_on_a_full_disk_does_not_stop_the_session(tmp_path: Path) -> N
     try:
         proxy = make(tmp_path, 'path = "/dev/full"\n')
         client, _ = proxy.connect()
-        say(proxy, client, b"USER alice\r\nPASS " + PASSWORD.encode() + b"\r\n")
-        answer = say(proxy, client, b"RETR 1\r\nQUIT\r\n")
+        proxy.say(client, b"USER alice\r\nPASS " + PASSWORD.encode() + b"\r\n")
+        answer = proxy.say(client, b"RETR 1\r\nQUIT\r\n")
     finally:
         globalLogPublisher.removeObserver(seen.append)
     assert answer.startswith(b"+OK %d octets\r\n" % len(MESSAGES[0])) and answer.endswith(b"+OK Bye\r\n")

@@ -48,16 +48,10 @@ def make(tmp_path: Path, opened: list[MemoryProxy], settings: str = "", messages
     return proxy
 
 
-def say(proxy: MemoryProxy, client: RecordingClient, data: bytes) -> bytes:
-    client.send(data)
-    proxy.settle()
-    return client.take()
-
-
 def login(proxy: MemoryProxy) -> RecordingClient:
     client, _ = proxy.connect()
     client.take()
-    assert say(proxy, client, b"USER alice\r\nPASS " + PASSWORD.encode() + b"\r\n").endswith(b"+OK Logged in.\r\n")
+    assert proxy.say(client, b"USER alice\r\nPASS " + PASSWORD.encode() + b"\r\n").endswith(b"+OK Logged in.\r\n")
     return client
 
 
@@ -79,8 +73,8 @@ def test_a_lone_surrogate_in_a_subject_does_not_keep_the_retr_out(tmp_path: Path
     proxy = make(tmp_path, opened, 'headers = ["From", "Subject"]\n')
     client = login(proxy)
     for number in (1, 2, 3):
-        assert say(proxy, client, b"RETR %d\r\n" % number).startswith(b"+OK")
-    say(proxy, client, b"QUIT\r\n")
+        assert proxy.say(client, b"RETR %d\r\n" % number).startswith(b"+OK")
+    proxy.say(client, b"QUIT\r\n")
     retrs = [row for row in rows(tmp_path) if row["event"] == "retr"]
     assert [row["number"] for row in retrs] == [1, 2, 3]
     assert retrs[0]["message_id"] == "<surrogate@example.net>"
@@ -126,14 +120,14 @@ def test_sessions_that_never_log_in_leave_nothing_behind(tmp_path: Path, opened:
         client, session = proxy.connect(port=40000 + index)
         ids.add(session.session_id)
         if index % 4 == 0:
-            say(proxy, client, b"QUIT\r\n")  # never logged in
+            proxy.say(client, b"QUIT\r\n")  # never logged in
         elif index % 4 == 1:
-            say(proxy, client, b"USER mallory\r\nPASS nope\r\nQUIT\r\n")  # another user's name, refused
+            proxy.say(client, b"USER mallory\r\nPASS nope\r\nQUIT\r\n")  # another user's name, refused
         elif index % 4 == 2:
-            say(proxy, client, b"USER alice\r\nPASS wrong\r\n")
+            proxy.say(client, b"USER alice\r\nPASS wrong\r\n")
             client.transport.loseConnection()  # hung up after a failed login
         else:
-            say(proxy, client, b"USER alice\r\nPASS " + PASSWORD.encode() + b"\r\nRETR 3\r\nDELE 3\r\n")
+            proxy.say(client, b"USER alice\r\nPASS " + PASSWORD.encode() + b"\r\nRETR 3\r\nDELE 3\r\n")
             client.transport.loseConnection()  # logged in, fetched and deleted, then hung up
         proxy.settle()
     assert all(session_id in {row["session_id"] for row in rows(tmp_path)} for session_id in ids)
@@ -147,8 +141,8 @@ def test_sessions_that_never_log_in_leave_nothing_behind(tmp_path: Path, opened:
 def test_dele_and_commit_records_for_quit(tmp_path: Path, opened: list[MemoryProxy]) -> None:
     proxy = make(tmp_path, opened)
     client = login(proxy)
-    say(proxy, client, b"RETR 1\r\n")
-    assert say(proxy, client, b"DELE 1\r\nDELE 9\r\nQUIT\r\n").endswith(b"+OK Bye\r\n")
+    proxy.say(client, b"RETR 1\r\n")
+    assert proxy.say(client, b"DELE 1\r\nDELE 9\r\nQUIT\r\n").endswith(b"+OK Bye\r\n")
     events = rows(tmp_path)
     assert [row["event"] for row in events] == ["session_open", "auth", "retr", "dele", "dele", "commit", "session_close"]
     retr, dele, missing, commit = events[2], events[3], events[4], events[5]
@@ -162,7 +156,7 @@ def test_dele_and_commit_records_for_quit(tmp_path: Path, opened: list[MemoryPro
 def test_rset_undoes_and_says_so(tmp_path: Path, opened: list[MemoryProxy]) -> None:
     proxy = make(tmp_path, opened)
     client = login(proxy)
-    say(proxy, client, b"TOP 2 0\r\nDELE 2\r\nRSET\r\nRETR 3\r\nDELE 3\r\nQUIT\r\n")
+    proxy.say(client, b"TOP 2 0\r\nDELE 2\r\nRSET\r\nRETR 3\r\nDELE 3\r\nQUIT\r\n")
     events = rows(tmp_path)
     assert [row["event"] for row in events] == [
         "session_open", "auth", "top", "dele", "commit", "retr", "dele", "commit", "session_close"]
@@ -176,7 +170,7 @@ def test_rset_undoes_and_says_so(tmp_path: Path, opened: list[MemoryProxy]) -> N
 def test_a_session_that_ends_without_quit_commits_nothing(tmp_path: Path, opened: list[MemoryProxy]) -> None:
     proxy = make(tmp_path, opened)
     client = login(proxy)
-    say(proxy, client, b"RETR 1\r\nDELE 1\r\n")
+    proxy.say(client, b"RETR 1\r\nDELE 1\r\n")
     client.transport.loseConnection()
     proxy.settle()
     events = rows(tmp_path)
@@ -197,7 +191,7 @@ def test_quit_answered_err_is_a_failed_commit(tmp_path: Path, opened: list[Memor
     monkeypatch.setattr(FakePOP3Server, "_quit", refuse)
     proxy = make(tmp_path, opened)
     client = login(proxy)
-    say(proxy, client, b"RETR 2\r\nDELE 2\r\nQUIT\r\n")
+    proxy.say(client, b"RETR 2\r\nDELE 2\r\nQUIT\r\n")
     commit = next(row for row in rows(tmp_path) if row["event"] == "commit")
     assert (commit["outcome"], commit["reason"], commit["numbers"]) == ("failed", "QUIT answered -ERR", [2])
 

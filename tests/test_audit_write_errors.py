@@ -22,7 +22,7 @@ from zope.interface.verify import verifyObject
 
 from popproxy.hooks.audit import AuditLog
 from popproxy.hooks.interfaces import IGatekeeper, IReopens, SessionFacts
-from popproxy.testing import MemoryProxy, RecordingClient
+from popproxy.testing import MemoryProxy
 
 from support.configs import proxy_config
 
@@ -66,12 +66,6 @@ def make(tmp_path: Path, opened: list[MemoryProxy], policy: str) -> tuple[Memory
     return proxy, hook, log
 
 
-def say(proxy: MemoryProxy, client: RecordingClient, data: bytes) -> bytes:
-    client.send(data)
-    proxy.settle()
-    return client.take()
-
-
 def records(log: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in log.read_text().splitlines()]
 
@@ -86,13 +80,13 @@ def test_serve_keeps_serving_logs_once_per_episode_and_catches_up(tmp_path: Path
     assert not IGatekeeper.providedBy(hook) and IReopens.providedBy(hook)
     log.mkdir()  # a directory where the file should be: every open fails (EISDIR)
     client, _ = proxy.connect()
-    answer = say(proxy, client, LOGIN + b"RETR 1\r\nDELE 1\r\n")
+    answer = proxy.say(client, LOGIN + b"RETR 1\r\nDELE 1\r\n")
     assert b"+OK %d octets" % len(MESSAGES[0]) in answer and answer.endswith(b"+OK deleted\r\n")  # served, as before the hook
     assert episodes(logged) == ["audit_write_failed"]  # once, not once per record
     failure = next(e for e in logged if e.get("event") == "audit_write_failed")
     assert "Is a directory" in failure["error"] and failure["policy"] == "serve"
     log.rmdir()  # the administrator fixes it
-    say(proxy, client, b"QUIT\r\n")  # the next record writes what was kept, after saying what happened
+    proxy.say(client, b"QUIT\r\n")  # the next record writes what was kept, after saying what happened
     assert episodes(logged) == ["audit_write_failed", "audit_resumed"]
     rows = records(log)
     assert [row["event"] for row in rows] == [
@@ -110,7 +104,7 @@ def test_refuse_stops_mail_while_records_cannot_be_written(tmp_path: Path, opene
     verifyObject(IGatekeeper, hook)
     hook.clock = clock = Clock()
     client, _ = proxy.connect()
-    assert b"+OK %d octets" % len(MESSAGES[0]) in say(proxy, client, LOGIN + b"RETR 1\r\n")  # writable: served
+    assert b"+OK %d octets" % len(MESSAGES[0]) in proxy.say(client, LOGIN + b"RETR 1\r\n")  # writable: served
     assert hook.accepting
     # logrotate-style: the file is moved away, a directory takes its name, SIGHUP reopens: EISDIR.
     log.rename(tmp_path / "audit.jsonl.1")
@@ -118,14 +112,14 @@ def test_refuse_stops_mail_while_records_cannot_be_written(tmp_path: Path, opene
     hook.reopen()
     assert not hook.accepting
     for command in (b"RETR 2\r\n", b"TOP 2 0\r\n", b"DELE 1\r\n"):
-        assert say(proxy, client, command) == b"-ERR [SYS/TEMP] Mail cannot be recorded now, so it is not moved; try again later.\r\n"
+        assert proxy.say(client, command) == b"-ERR [SYS/TEMP] Mail cannot be recorded now, so it is not moved; try again later.\r\n"
     clock.now += 0.5
     log.rmdir()
     assert not hook.accepting  # asked again within a second: no new attempt yet
     clock.now += 1
     assert hook.accepting  # a second later, asking tries again: the file opens, and mail moves
-    assert say(proxy, client, b"RETR 2\r\n").startswith(b"+OK")
-    assert say(proxy, client, b"QUIT\r\n") == b"+OK Bye\r\n"
+    assert proxy.say(client, b"RETR 2\r\n").startswith(b"+OK")
+    assert proxy.say(client, b"QUIT\r\n") == b"+OK Bye\r\n"
     rows = records(log)
     assert rows[0]["event"] == "audit_resumed" and "Is a directory" in rows[0]["error"]
     assert (rows[0]["kept"], rows[0]["lost"]) == (0, 0)  # the reopen failed, no record did
@@ -139,7 +133,7 @@ def test_refuse_with_a_full_disk_from_the_first_record(tmp_path: Path, opened: l
     proxy, hook, log = make(tmp_path, opened, "refuse")
     log.symlink_to("/dev/full")
     client, _ = proxy.connect()
-    answer = say(proxy, client, LOGIN + b"RETR 1\r\nDELE 1\r\nQUIT\r\n")
+    answer = proxy.say(client, LOGIN + b"RETR 1\r\nDELE 1\r\nQUIT\r\n")
     assert answer.count(b"-ERR [SYS/TEMP]") == 2 and answer.endswith(b"+OK Bye\r\n")
     assert proxy.upstreams["main"].mailboxes[b"alice"].remaining() == MESSAGES
     assert not hook.accepting

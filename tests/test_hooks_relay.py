@@ -47,16 +47,10 @@ def tagger(**options: object) -> str:
     return "\n".join(lines) + "\n"
 
 
-def say(proxy: MemoryProxy, client: RecordingClient, data: bytes) -> bytes:
-    client.send(data)
-    proxy.settle()
-    return client.take()
-
-
 def login(proxy: MemoryProxy) -> RecordingClient:
     client, _ = proxy.connect()
     client.take()
-    assert say(proxy, client, b"USER alice\r\nPASS alice-pw\r\n") == b"+OK\r\n+OK Logged in.\r\n"
+    assert proxy.say(client, b"USER alice\r\nPASS alice-pw\r\n") == b"+OK\r\n+OK Logged in.\r\n"
     return client
 
 
@@ -75,15 +69,15 @@ def listing(answer: bytes) -> dict[int, int]:
 def test_sizes_agree_everywhere_with_a_rewriting_hook(tmp_path: Path) -> None:
     proxy = make(tmp_path, tagger(reservation=64))
     client = login(proxy)
-    sizes = listing(say(proxy, client, b"LIST\r\n"))
+    sizes = listing(proxy.say(client, b"LIST\r\n"))
     # Scanned messages grow by the reservation plus the filler; the big one is untouched.
     expected = {1: len(MESSAGES[0]) + 64 + FILLER_MIN, 2: len(MESSAGES[1]) + 64 + FILLER_MIN,
                 3: len(MESSAGES[2]), 4: len(MESSAGES[3]) + 64 + FILLER_MIN}
     assert sizes == expected
-    assert say(proxy, client, b"STAT\r\n") == b"+OK 4 %d\r\n" % sum(expected.values())
+    assert proxy.say(client, b"STAT\r\n") == b"+OK 4 %d\r\n" % sum(expected.values())
     for number in (1, 2, 3, 4):
-        assert say(proxy, client, b"LIST %d\r\n" % number) == b"+OK %d %d\r\n" % (number, expected[number])
-        announced, message = retr(say(proxy, client, b"RETR %d\r\n" % number))
+        assert proxy.say(client, b"LIST %d\r\n" % number) == b"+OK %d %d\r\n" % (number, expected[number])
+        announced, message = retr(proxy.say(client, b"RETR %d\r\n" % number))
         assert announced == len(message) == expected[number]
         if number == 3:
             assert message == MESSAGES[2]
@@ -91,32 +85,32 @@ def test_sizes_agree_everywhere_with_a_rewriting_hook(tmp_path: Path) -> None:
             assert message.startswith(b"X-Popproxy-Pad: ")
             assert b"\r\nX-Tag: yes\r\n" + MESSAGES[number - 1] in message
     # DELE changes STAT's total by exactly the listed size.
-    assert say(proxy, client, b"DELE 1\r\nSTAT\r\n") == b"+OK deleted\r\n+OK 3 %d\r\n" % (sum(expected.values()) - expected[1])
-    assert say(proxy, client, b"RSET\r\nSTAT\r\n") == b"+OK\r\n+OK 4 %d\r\n" % sum(expected.values())
+    assert proxy.say(client, b"DELE 1\r\nSTAT\r\n") == b"+OK deleted\r\n+OK 3 %d\r\n" % (sum(expected.values()) - expected[1])
+    assert proxy.say(client, b"RSET\r\nSTAT\r\n") == b"+OK\r\n+OK 4 %d\r\n" % sum(expected.values())
 
 
 def test_top_is_cut_from_the_rewritten_message_and_cached(tmp_path: Path) -> None:
     proxy = make(tmp_path, tagger(reservation=64))
     client = login(proxy)
     fake = proxy.upstreams["main"]
-    top = say(proxy, client, b"TOP 2 1\r\n")
-    _announced, whole = retr(say(proxy, client, b"RETR 2\r\n"))
+    top = proxy.say(client, b"TOP 2 1\r\n")
+    _announced, whole = retr(proxy.say(client, b"RETR 2\r\n"))
     head, _, body = whole.partition(b"\r\n\r\n")
     assert unstuff_body(top.partition(b"\r\n")[2]) == head + b"\r\n\r\n" + body.split(b"\r\n")[0] + b"\r\n"
     # The upstream was asked for the whole message once, with TOP, and never with RETR.
     assert [line for line in fake.received if line.startswith((b"TOP", b"RETR"))] == [b"TOP 2 99999999"]
-    assert say(proxy, client, b"TOP 2 0\r\n").endswith(b"X-Tag: yes\r\nSubject: two SPAM\r\n\r\n.\r\n")
+    assert proxy.say(client, b"TOP 2 0\r\n").endswith(b"X-Tag: yes\r\nSubject: two SPAM\r\n\r\n.\r\n")
 
 
 def test_rewrite_adding_a_dot_line_is_restuffed(tmp_path: Path) -> None:
     proxy = make(tmp_path, tagger(reservation=64, dot_line=True))
     client = login(proxy)
-    answer = say(proxy, client, b"RETR 1\r\n")
+    answer = proxy.say(client, b"RETR 1\r\n")
     assert b"\r\n..\r\n..forged\r\n" in answer  # stuffed on the wire: no early terminator
     announced, message = retr(answer)
     assert announced == len(message)
     assert b"\r\n\r\n.\r\n.forged\r\nfirst\r\n" in message
-    assert say(proxy, client, b"NOOP\r\n") == b"+OK\r\n"  # still in step
+    assert proxy.say(client, b"NOOP\r\n") == b"+OK\r\n"  # still in step
 
 
 @pytest.mark.parametrize("mode", ["raise", "garbage", "hang"])
@@ -159,7 +153,7 @@ def test_on_error_refuse_keeps_the_message_and_blocks_its_dele(tmp_path: Path, m
 def test_growing_past_the_reservation_is_a_hook_error(tmp_path: Path) -> None:
     proxy = make(tmp_path, tagger(reservation=3, text="much longer than three octets"))
     client = login(proxy)
-    announced, message = retr(say(proxy, client, b"RETR 1\r\n"))
+    announced, message = retr(proxy.say(client, b"RETR 1\r\n"))
     assert announced == len(message) == len(MESSAGES[0]) + 3 + FILLER_MIN
     assert b"X-Tag" not in message
 
@@ -183,10 +177,10 @@ def test_two_hooks_reservations_add_up_and_verdicts_reach_session_hooks(tmp_path
              + 'name = "two"\n' + '[[hook]]\nuse = "support.samplehooks:recorder"\n')
     proxy = make(tmp_path, hooks)
     client = login(proxy)
-    announced, message = retr(say(proxy, client, b"RETR 2\r\n"))
+    announced, message = retr(proxy.say(client, b"RETR 2\r\n"))
     assert announced == len(message) == len(MESSAGES[1]) + 90 + FILLER_MIN
     assert message.index(b"X-Tag: second") < message.index(b"X-Tag: first")  # each saw the one before
-    say(proxy, client, b"RETR 3\r\nQUIT\r\n")
+    proxy.say(client, b"RETR 3\r\nQUIT\r\n")
     events = [event[0] for event in samplehooks.RECORDED]
     assert events[:2] == ["opened", "authenticated"] and events[-1] == "closed"
     deliveries = [event[2] for event in samplehooks.RECORDED if event[0] == "delivered"]
@@ -202,7 +196,7 @@ def test_two_hooks_reservations_add_up_and_verdicts_reach_session_hooks(tmp_path
 def test_hooks_limited_to_users_do_not_touch_others(tmp_path: Path) -> None:
     proxy = make(tmp_path, tagger(reservation=64) + 'users = ["@example.org", "bob"]\n')
     client = login(proxy)
-    assert say(proxy, client, b"RETR 1\r\n") == b"+OK %d octets\r\n" % len(MESSAGES[0]) + wire_body(MESSAGES[0])
+    assert proxy.say(client, b"RETR 1\r\n") == b"+OK %d octets\r\n" % len(MESSAGES[0]) + wire_body(MESSAGES[0])
     assert [line for line in proxy.upstreams["main"].received if line in (b"LIST", b"UIDL")] == []
 
 
@@ -214,7 +208,7 @@ def test_session_hook_that_raises_is_contained(tmp_path: Path, monkeypatch: pyte
 
     monkeypatch.setattr(samplehooks.Recorder, "command_done", broken)
     client = login(proxy)
-    assert say(proxy, client, b"STAT\r\nNOOP\r\n").count(b"+OK") == 2
+    assert proxy.say(client, b"STAT\r\nNOOP\r\n").count(b"+OK") == 2
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from popproxy.pki import CertificateAuthority, write_private
-from popproxy.testing import MemoryProxy, RecordingClient
+from popproxy.testing import MemoryProxy
 
 from support.configs import proxy_config
 from support.dovecot import DovecotServer, MailUser
@@ -20,19 +20,13 @@ from support.trap import TrapServer
 MESSAGES = [b"Subject: one\r\n\r\nfirst\r\n", b"Subject: two\r\n\r\nsecond\r\n"]
 
 
-def say(proxy: MemoryProxy, client: RecordingClient, data: bytes) -> bytes:
-    client.send(data)
-    proxy.settle()
-    return client.take()
-
-
 def test_draining_sessions_in_memory(tmp_path: Path) -> None:
     config = proxy_config(tmp_path, upstreams={"main": {"address": "127.0.0.1:1110", "tls": "none"}})
     proxy = MemoryProxy(config)
     proxy.upstreams["main"].add_user("alice", "alice-pw", MESSAGES)
     waiting, waiting_session = proxy.connect("192.0.2.1")
     working, working_session = proxy.connect("192.0.2.2")
-    say(proxy, working, b"USER alice\r\nPASS alice-pw\r\nDELE 1\r\n")
+    proxy.say(working, b"USER alice\r\nPASS alice-pw\r\nDELE 1\r\n")
     waiting.take()
     waiting_session.start_draining()
     working_session.start_draining()
@@ -40,8 +34,8 @@ def test_draining_sessions_in_memory(tmp_path: Path) -> None:
     # Not logged in: nothing to finish, so it ends now, with a clear answer.
     assert waiting.take() == b"-ERR [SYS/TEMP] Server shutting down, try again later.\r\n" and waiting.lost
     # Logged in: new commands are refused, QUIT still commits what the client asked for.
-    assert say(proxy, working, b"RETR 2\r\n") == b"-ERR [SYS/TEMP] Server shutting down, try again later.\r\n"
-    assert say(proxy, working, b"QUIT\r\n") == b"+OK Bye\r\n"
+    assert proxy.say(working, b"RETR 2\r\n") == b"-ERR [SYS/TEMP] Server shutting down, try again later.\r\n"
+    assert proxy.say(working, b"QUIT\r\n") == b"+OK Bye\r\n"
     assert proxy.upstreams["main"].mailboxes[b"alice"].remaining() == MESSAGES[1:]
 
 

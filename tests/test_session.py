@@ -57,16 +57,10 @@ def make_proxy(tmp_path: Path, *, tls: str = "none", require_tls: bool = True, p
     return proxy
 
 
-def say(proxy: MemoryProxy, client: RecordingClient, data: bytes) -> bytes:
-    client.send(data)
-    proxy.settle()
-    return client.take()
-
-
 def logged_in(proxy: MemoryProxy) -> RecordingClient:
     client, _ = proxy.connect()
     client.take()
-    assert say(proxy, client, b"USER alice\r\nPASS alice-pw\r\n") == b"+OK\r\n+OK Logged in.\r\n"
+    assert proxy.say(client, b"USER alice\r\nPASS alice-pw\r\n") == b"+OK\r\n+OK Logged in.\r\n"
     return client
 
 
@@ -81,7 +75,7 @@ def test_capa_before_login_on_plain_listener(tmp_path: Path) -> None:
     proxy = make_proxy(tmp_path)
     client, _ = proxy.connect()
     client.take()
-    answer = say(proxy, client, b"CAPA\r\n")
+    answer = proxy.say(client, b"CAPA\r\n")
     assert answer == (
         b"+OK Capability list follows\r\nUSER\r\nSASL PLAIN\r\nTOP\r\nUIDL\r\nRESP-CODES\r\n"
         b"AUTH-RESP-CODE\r\nPIPELINING\r\n.\r\n"
@@ -95,31 +89,31 @@ def test_login_then_relay_byte_for_byte(tmp_path: Path) -> None:
     fake = proxy.upstreams["main"]
     assert fake.received[-2:] == [b"USER alice", b"PASS alice-pw"]
     sizes = [len(m) for m in MESSAGES]
-    assert say(proxy, client, b"STAT\r\n") == b"+OK 3 %d\r\n" % sum(sizes)
+    assert proxy.say(client, b"STAT\r\n") == b"+OK 3 %d\r\n" % sum(sizes)
     for number, message in enumerate(MESSAGES, start=1):
-        answer = say(proxy, client, b"RETR %d\r\n" % number)
+        answer = proxy.say(client, b"RETR %d\r\n" % number)
         assert answer == b"+OK %d octets\r\n" % len(message) + wire_body(message)
-    assert say(proxy, client, b"LIST\r\n") == b"+OK\r\n" + b"".join(b"%d %d\r\n" % (i + 1, s) for i, s in enumerate(sizes)) + b".\r\n"
-    assert say(proxy, client, b"top 2 1\r\n") == b"+OK\r\nSubject: two\r\n\r\n..leading dot\r\n.\r\n"
-    assert say(proxy, client, b"RETR 9\r\n") == b"-ERR no such message\r\n"
+    assert proxy.say(client, b"LIST\r\n") == b"+OK\r\n" + b"".join(b"%d %d\r\n" % (i + 1, s) for i, s in enumerate(sizes)) + b".\r\n"
+    assert proxy.say(client, b"top 2 1\r\n") == b"+OK\r\nSubject: two\r\n\r\n..leading dot\r\n.\r\n"
+    assert proxy.say(client, b"RETR 9\r\n") == b"-ERR no such message\r\n"
 
 
 def test_capa_after_login_is_the_upstreams_filtered(tmp_path: Path) -> None:
     proxy = make_proxy(tmp_path)
     client = logged_in(proxy)
-    assert say(proxy, client, b"CAPA\r\n") == b"+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\n.\r\n"
+    assert proxy.say(client, b"CAPA\r\n") == b"+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\n.\r\n"
 
 
 def test_wrong_password_and_unknown_user_get_the_same_answer(tmp_path: Path) -> None:
     proxy = make_proxy(tmp_path, routing='[routing.users]\n"alice" = "main"')
     client, _ = proxy.connect()
     client.take()
-    wrong_password = say(proxy, client, b"USER alice\r\nPASS nope\r\n")
-    unknown_user = say(proxy, client, b"USER mallory\r\nPASS nope\r\n")
+    wrong_password = proxy.say(client, b"USER alice\r\nPASS nope\r\n")
+    unknown_user = proxy.say(client, b"USER mallory\r\nPASS nope\r\n")
     assert wrong_password == unknown_user == b"+OK\r\n" + AUTH_FAILED
     # The unknown user had no route: no upstream connection was made for it.
     assert proxy.upstreams["main"].connections == 1
-    assert say(proxy, client, b"USER alice\r\nPASS alice-pw\r\n") == b"+OK\r\n+OK Logged in.\r\n"
+    assert proxy.say(client, b"USER alice\r\nPASS alice-pw\r\n") == b"+OK\r\n+OK Logged in.\r\n"
 
 
 @pytest.mark.parametrize("code", ["IN-USE", "LOGIN-DELAY", "SYS/TEMP", "SYS/PERM"])
@@ -128,7 +122,7 @@ def test_upstream_response_codes_are_passed_on(tmp_path: Path, code: str) -> Non
     proxy.upstreams["main"].login_answer = f"-ERR [{code}] upstream words\r\n".encode()
     client, _ = proxy.connect()
     client.take()
-    answer = say(proxy, client, b"USER alice\r\nPASS alice-pw\r\n")
+    answer = proxy.say(client, b"USER alice\r\nPASS alice-pw\r\n")
     assert answer.startswith(f"+OK\r\n-ERR [{code}] ".encode())
     assert b"upstream words" not in answer
 
@@ -138,9 +132,9 @@ def test_unreachable_upstream_is_sys_temp_and_client_may_retry(tmp_path: Path) -
     proxy.refuse.add(Address("127.0.0.1", 1110))
     client, _ = proxy.connect()
     client.take()
-    assert say(proxy, client, b"USER alice\r\nPASS alice-pw\r\n") == b"+OK\r\n" + UPSTREAM_DOWN
+    assert proxy.say(client, b"USER alice\r\nPASS alice-pw\r\n") == b"+OK\r\n" + UPSTREAM_DOWN
     proxy.refuse.clear()
-    assert say(proxy, client, b"USER alice\r\nPASS alice-pw\r\n") == b"+OK\r\n+OK Logged in.\r\n"
+    assert proxy.say(client, b"USER alice\r\nPASS alice-pw\r\n") == b"+OK\r\n+OK Logged in.\r\n"
 
 
 def test_upstream_connect_timeout_is_sys_temp(tmp_path: Path) -> None:
@@ -163,24 +157,24 @@ def test_auth_plain_initial_response_and_continuation(tmp_path: Path) -> None:
     token = base64.b64encode(b"\0alice\0alice-pw")
     client, _ = proxy.connect()
     client.take()
-    assert say(proxy, client, b"AUTH PLAIN " + token + b"\r\n") == b"+OK Logged in.\r\n"
+    assert proxy.say(client, b"AUTH PLAIN " + token + b"\r\n") == b"+OK Logged in.\r\n"
     client2, _ = proxy.connect()
     client2.take()
-    assert say(proxy, client2, b"AUTH PLAIN\r\n") == b"+ \r\n"
-    assert say(proxy, client2, token + b"\r\n") == b"+OK Logged in.\r\n"
+    assert proxy.say(client2, b"AUTH PLAIN\r\n") == b"+ \r\n"
+    assert proxy.say(client2, token + b"\r\n") == b"+OK Logged in.\r\n"
 
 
 def test_auth_plain_cancel_empty_and_foreign_authzid(tmp_path: Path) -> None:
     proxy = make_proxy(tmp_path)
     client, _ = proxy.connect()
     client.take()
-    assert say(proxy, client, b"AUTH PLAIN\r\n") == b"+ \r\n"
-    assert say(proxy, client, b"*\r\n").startswith(b"-ERR ")
-    assert say(proxy, client, b"AUTH PLAIN =\r\n").startswith(b"-ERR [AUTH] ")
+    assert proxy.say(client, b"AUTH PLAIN\r\n") == b"+ \r\n"
+    assert proxy.say(client, b"*\r\n").startswith(b"-ERR ")
+    assert proxy.say(client, b"AUTH PLAIN =\r\n").startswith(b"-ERR [AUTH] ")
     foreign = base64.b64encode(b"bob\0alice\0alice-pw")
-    assert say(proxy, client, b"AUTH PLAIN " + foreign + b"\r\n").startswith(b"-ERR [AUTH] ")
+    assert proxy.say(client, b"AUTH PLAIN " + foreign + b"\r\n").startswith(b"-ERR [AUTH] ")
     same = base64.b64encode(b"alice\0alice\0alice-pw")
-    assert say(proxy, client, b"AUTH PLAIN " + same + b"\r\n") == b"+OK Logged in.\r\n"
+    assert proxy.say(client, b"AUTH PLAIN " + same + b"\r\n") == b"+OK Logged in.\r\n"
     assert proxy.upstreams["main"].connections == 1
 
 
@@ -188,9 +182,9 @@ def test_auth_lists_mechanisms_and_refuses_others(tmp_path: Path) -> None:
     proxy = make_proxy(tmp_path)
     client, _ = proxy.connect()
     client.take()
-    assert say(proxy, client, b"AUTH\r\n") == b"+OK Mechanisms follow\r\nPLAIN\r\n.\r\n"
-    assert say(proxy, client, b"AUTH CRAM-MD5\r\n").startswith(b"-ERR")
-    assert say(proxy, client, b"APOP alice 0123456789abcdef\r\n").startswith(b"-ERR")
+    assert proxy.say(client, b"AUTH\r\n") == b"+OK Mechanisms follow\r\nPLAIN\r\n.\r\n"
+    assert proxy.say(client, b"AUTH CRAM-MD5\r\n").startswith(b"-ERR")
+    assert proxy.say(client, b"APOP alice 0123456789abcdef\r\n").startswith(b"-ERR")
 
 
 @pytest.mark.parametrize(
@@ -206,7 +200,7 @@ def test_credentials_with_cr_lf_nul_never_reach_the_upstream(tmp_path: Path, cre
     proxy = make_proxy(tmp_path)
     client, _ = proxy.connect()
     client.take()
-    answer = say(proxy, client, b"AUTH PLAIN " + base64.b64encode(credentials) + b"\r\n")
+    answer = proxy.say(client, b"AUTH PLAIN " + base64.b64encode(credentials) + b"\r\n")
     assert answer.startswith(b"-ERR")
     assert proxy.upstreams["main"].connections == 0
     assert proxy.upstreams["main"].received == []
@@ -217,7 +211,7 @@ def test_user_line_with_bare_cr_is_refused(tmp_path: Path) -> None:
     client, _ = proxy.connect()
     client.take()
     # Refused at USER itself (a bare CR is not part of any user name), so PASS has no user.
-    assert say(proxy, client, b"USER alice\rDELE 1\r\nPASS x\r\n") == (
+    assert proxy.say(client, b"USER alice\rDELE 1\r\nPASS x\r\n") == (
         b"-ERR [AUTH] Invalid user name.\r\n-ERR Send USER first.\r\n")
     assert proxy.upstreams["main"].connections == 0
 
@@ -225,7 +219,7 @@ def test_user_line_with_bare_cr_is_refused(tmp_path: Path) -> None:
 def test_pipelined_answers_come_back_in_order(tmp_path: Path) -> None:
     proxy = make_proxy(tmp_path)
     client = logged_in(proxy)
-    answer = say(proxy, client, b"STAT\r\nRETR 1\r\nXYZZY\r\nLIST 2\r\nSTLS\r\nNOOP\r\n")
+    answer = proxy.say(client, b"STAT\r\nRETR 1\r\nXYZZY\r\nLIST 2\r\nSTLS\r\nNOOP\r\n")
     expected = (
         b"+OK 3 %d\r\n" % sum(map(len, MESSAGES))
         + b"+OK %d octets\r\n" % len(MESSAGES[0]) + wire_body(MESSAGES[0])
@@ -251,7 +245,7 @@ def test_commands_go_upstream_together_only_with_pipelining(tmp_path: Path, pipe
         original(data)
 
     server.dataReceived = record  # type: ignore[method-assign]
-    answer = say(proxy, client, b"NOOP\r\nSTAT\r\nLIST 1\r\n")
+    answer = proxy.say(client, b"NOOP\r\nSTAT\r\nLIST 1\r\n")
     assert answer.count(b"+OK") == 3
     assert fake.received[-3:] == [b"NOOP", b"STAT", b"LIST 1"]
     if pipelining:
@@ -263,7 +257,7 @@ def test_commands_go_upstream_together_only_with_pipelining(tmp_path: Path, pipe
 def test_dele_then_quit_deletes(tmp_path: Path) -> None:
     proxy = make_proxy(tmp_path)
     client = logged_in(proxy)
-    assert say(proxy, client, b"DELE 1\r\nQUIT\r\n") == b"+OK deleted\r\n+OK Bye\r\n"
+    assert proxy.say(client, b"DELE 1\r\nQUIT\r\n") == b"+OK deleted\r\n+OK Bye\r\n"
     assert client.lost
     assert proxy.upstreams["main"].mailboxes[b"alice"].remaining() == MESSAGES[1:]
 
@@ -271,7 +265,7 @@ def test_dele_then_quit_deletes(tmp_path: Path) -> None:
 def test_dele_then_dropped_connection_deletes_nothing(tmp_path: Path) -> None:
     proxy = make_proxy(tmp_path)
     client = logged_in(proxy)
-    assert say(proxy, client, b"DELE 1\r\n") == b"+OK deleted\r\n"
+    assert proxy.say(client, b"DELE 1\r\n") == b"+OK deleted\r\n"
     client.transport.loseConnection()
     proxy.pump()
     fake = proxy.upstreams["main"]
@@ -295,7 +289,7 @@ def test_upstream_lost_mid_body_leaves_no_terminator(tmp_path: Path) -> None:
     client = logged_in(proxy)
     proxy.upstreams["main"].cut_retr_after = 5000
     message = MESSAGES[2]
-    received = say(proxy, client, b"RETR 3\r\n")
+    received = proxy.say(client, b"RETR 3\r\n")
     assert received == (b"+OK %d octets\r\n" % len(message) + wire_body(message))[:5000]
     assert not received.endswith(b"\r\n.\r\n")
     assert client.lost
@@ -305,7 +299,7 @@ def test_login_timeout_disconnects_without_upstream(tmp_path: Path) -> None:
     proxy = make_proxy(tmp_path)
     client, _ = proxy.connect()
     client.take()
-    say(proxy, client, b"NOOP\r\n")
+    proxy.say(client, b"NOOP\r\n")
     proxy.clock.advance(59)
     proxy.pump()
     assert not client.lost
@@ -319,7 +313,7 @@ def test_login_timeout_disconnects_without_upstream(tmp_path: Path) -> None:
 def test_idle_timeout_closes_both_legs_without_quit(tmp_path: Path) -> None:
     proxy = make_proxy(tmp_path, extra="[limits]\nidle_timeout = 600")
     client = logged_in(proxy)
-    say(proxy, client, b"DELE 1\r\n")
+    proxy.say(client, b"DELE 1\r\n")
     proxy.clock.advance(599)
     proxy.pump()
     assert not client.lost
@@ -335,22 +329,22 @@ def test_overlong_command_line_gets_err_and_session_goes_on(tmp_path: Path) -> N
     proxy = make_proxy(tmp_path)
     client, _ = proxy.connect()
     client.take()
-    assert say(proxy, client, b"USER " + b"a" * 300 + b"\r\nNOOP\r\n") == b"-ERR Command line too long.\r\n+OK\r\n"
-    assert say(proxy, client, b"NOOP " + b"b" * 248 + b"\r\n") == b"+OK\r\n"  # 255 octets with CRLF
-    assert say(proxy, client, b"NOOP " + b"b" * 249 + b"\r\n") == b"-ERR Command line too long.\r\n"
+    assert proxy.say(client, b"USER " + b"a" * 300 + b"\r\nNOOP\r\n") == b"-ERR Command line too long.\r\n+OK\r\n"
+    assert proxy.say(client, b"NOOP " + b"b" * 248 + b"\r\n") == b"+OK\r\n"  # 255 octets with CRLF
+    assert proxy.say(client, b"NOOP " + b"b" * 249 + b"\r\n") == b"-ERR Command line too long.\r\n"
 
 
 def test_commands_outside_their_state(tmp_path: Path) -> None:
     proxy = make_proxy(tmp_path)
     client, _ = proxy.connect()
     client.take()
-    assert say(proxy, client, b"RETR 1\r\n").startswith(b"-ERR")
-    assert say(proxy, client, b"PASS x\r\n") == b"-ERR Send USER first.\r\n"
-    assert say(proxy, client, b"STLS\r\n") == b"-ERR STLS not available.\r\n"
-    assert say(proxy, client, b"KILL\r\n").startswith(b"-ERR")
-    assert say(proxy, client, b"\r\n").startswith(b"-ERR")
+    assert proxy.say(client, b"RETR 1\r\n").startswith(b"-ERR")
+    assert proxy.say(client, b"PASS x\r\n") == b"-ERR Send USER first.\r\n"
+    assert proxy.say(client, b"STLS\r\n") == b"-ERR STLS not available.\r\n"
+    assert proxy.say(client, b"KILL\r\n").startswith(b"-ERR")
+    assert proxy.say(client, b"\r\n").startswith(b"-ERR")
     assert proxy.upstreams["main"].connections == 0
-    assert say(proxy, client, b"QUIT\r\n") == b"+OK Bye.\r\n"
+    assert proxy.say(client, b"QUIT\r\n") == b"+OK Bye.\r\n"
     assert client.lost
 
 
@@ -359,7 +353,7 @@ def test_routing_sends_users_to_their_upstream(tmp_path: Path) -> None:
     proxy.upstreams["other"].add_user("dave", "dave-pw", [b"Subject: d\r\n\r\nd\r\n"])
     client, _ = proxy.connect()
     client.take()
-    assert say(proxy, client, b"USER dave\r\nPASS dave-pw\r\nSTAT\r\n") == b"+OK\r\n+OK Logged in.\r\n+OK 1 17\r\n"
+    assert proxy.say(client, b"USER dave\r\nPASS dave-pw\r\nSTAT\r\n") == b"+OK\r\n+OK Logged in.\r\n+OK 1 17\r\n"
     assert proxy.upstreams["main"].connections == 0
 
 
@@ -369,10 +363,10 @@ def test_require_tls_refuses_plaintext_login_and_capa_says_so(tmp_path: Path) ->
     proxy = make_proxy(tmp_path, tls="starttls")
     client, _ = proxy.connect()
     client.take()
-    capa = say(proxy, client, b"CAPA\r\n")
+    capa = proxy.say(client, b"CAPA\r\n")
     assert b"STLS\r\n" in capa and b"USER\r\n" not in capa and b"SASL" not in capa
-    assert say(proxy, client, b"USER alice\r\n").startswith(b"-ERR [AUTH] Plaintext authentication disallowed")
-    assert say(proxy, client, b"AUTH PLAIN " + base64.b64encode(b"\0alice\0alice-pw") + b"\r\n").startswith(b"-ERR [AUTH]")
+    assert proxy.say(client, b"USER alice\r\n").startswith(b"-ERR [AUTH] Plaintext authentication disallowed")
+    assert proxy.say(client, b"AUTH PLAIN " + base64.b64encode(b"\0alice\0alice-pw") + b"\r\n").startswith(b"-ERR [AUTH]")
     assert proxy.upstreams["main"].connections == 0
 
 
@@ -380,32 +374,32 @@ def test_stls_discards_pipelined_plaintext_and_recomputes_capa(tmp_path: Path) -
     proxy = make_proxy(tmp_path, tls="starttls")
     client, _session = proxy.connect()
     client.take()
-    assert say(proxy, client, b"STLS\r\nUSER alice\r\nCAPA\r\n") == b"+OK Begin TLS negotiation.\r\n"
+    assert proxy.say(client, b"STLS\r\nUSER alice\r\nCAPA\r\n") == b"+OK Begin TLS negotiation.\r\n"
     client.transport.startTLS(FakeClientTLS())
     proxy.pump()
     assert client.take() == b""  # nothing answered the injected commands
-    capa = say(proxy, client, b"CAPA\r\n")
+    capa = proxy.say(client, b"CAPA\r\n")
     assert b"STLS" not in capa and b"USER\r\n" in capa and b"SASL PLAIN\r\n" in capa
-    assert say(proxy, client, b"PASS alice-pw\r\n") == b"-ERR Send USER first.\r\n"
-    assert say(proxy, client, b"STLS\r\n") == b"-ERR STLS not available.\r\n"
-    assert say(proxy, client, b"USER alice\r\nPASS alice-pw\r\n") == b"+OK\r\n+OK Logged in.\r\n"
+    assert proxy.say(client, b"PASS alice-pw\r\n") == b"-ERR Send USER first.\r\n"
+    assert proxy.say(client, b"STLS\r\n") == b"-ERR STLS not available.\r\n"
+    assert proxy.say(client, b"USER alice\r\nPASS alice-pw\r\n") == b"+OK\r\n+OK Logged in.\r\n"
 
 
 def test_starttls_listener_without_require_tls_allows_plaintext(tmp_path: Path) -> None:
     proxy = make_proxy(tmp_path, tls="starttls", require_tls=False)
     client, _ = proxy.connect()
     client.take()
-    capa = say(proxy, client, b"CAPA\r\n")
+    capa = proxy.say(client, b"CAPA\r\n")
     assert b"STLS\r\n" in capa and b"USER\r\n" in capa
-    assert say(proxy, client, b"USER alice\r\nPASS alice-pw\r\n") == b"+OK\r\n+OK Logged in.\r\n"
+    assert proxy.say(client, b"USER alice\r\nPASS alice-pw\r\n") == b"+OK\r\n+OK Logged in.\r\n"
 
 
 def test_stls_on_implicit_listener_is_refused(tmp_path: Path) -> None:
     proxy = make_proxy(tmp_path, tls="implicit")
     client, _ = proxy.connect()
     client.take()
-    assert say(proxy, client, b"STLS\r\n") == b"-ERR STLS not available.\r\n"
-    capa = say(proxy, client, b"CAPA\r\n")
+    assert proxy.say(client, b"STLS\r\n") == b"-ERR STLS not available.\r\n"
+    capa = proxy.say(client, b"CAPA\r\n")
     assert b"STLS" not in capa and b"USER\r\n" in capa
 
 
