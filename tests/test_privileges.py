@@ -122,3 +122,36 @@ def test_binds_privileged_ports_then_runs_unprivileged(workdir: Path, dovecot: D
     assert "audit.jsonl" in rotated and "audit.jsonl.1" in rotated
     for path in audit.iterdir():
         assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_workers_that_cannot_read_the_key_after_the_drop_stop_the_proxy_with_the_reason(
+        workdir: Path, dovecot: DovecotServer, ca: CertificateAuthority) -> None:
+    """Workers read keys after the privilege drop, as a reload does. A key only root may read loads
+    for the parent's check but not in a worker: the worker names the file and the reason, and as no
+    worker can serve, the parent stops instead of restarting them for ever."""
+    if os.geteuid() != 0:
+        pytest.fail("this test starts twistd as root, as admins do; run the suite as root (CI does)", pytrace=False)
+    uid, gid = pwd.getpwnam(USER).pw_uid, grp.getgrnam(GROUP).gr_gid
+    (implicit,) = _free_privileged_ports(1)
+    certificate = workdir / "tls.pem"
+    certificate.write_bytes(ca.issue(["localhost"]).combined_pem)
+    certificate.chmod(0o600)  # root only
+    config = workdir / "popproxy.toml"
+    config.write_text(
+        '[process]\nworkers = 2\n'
+        f'[[listen]]\nendpoint = "tcp:{implicit}:interface=127.0.0.1"\ntls = "implicit"\ncertificate = "{certificate}"\n'
+        f'[upstream.dovecot]\naddress = "127.0.0.1:{dovecot.plain_port}"\ntls = "none"\n'
+        '[routing]\ndefault = "dovecot"\n'
+    )
+    config.chmod(0o644)
+    proxy = ProxyProcess(config, [implicit], workdir, extra=("-u", str(uid), "-g", str(gid)), json=True)
+    try:
+        status = proxy.process.wait(timeout=30)
+    finally:
+        proxy.stop()
+    assert status == 0  # twistd exits 0 once the reactor stops: to become 1 with issue 12 (start errors)
+    events = proxy.events()
+    failed = [e for e in events if e.get("event") == "worker_failed"]
+    assert failed and str(certificate) in str(failed[0]["error"]) and "ermission denied" in str(failed[0]["error"])
+    assert [e for e in events if e.get("event") == "workers_failed"]
+    assert not [e for e in events if e.get("event") == "worker_ready"]
