@@ -42,9 +42,9 @@ class AllowedPeersFactory(Factory):
         host = addr.host if isinstance(addr, (IPv4Address, IPv6Address)) else None
         if host is not None and not self._listener.allows_proxy_peer(host):
             log.warn(
-                "refused PROXY-protocol connection on {listener} from {peer_host}: not in proxy_from",
+                "refused PROXY-protocol connection on {listener} from {client_host}: not in proxy_from",
                 listener=self._listener.key,
-                peer_host=host,
+                client_host=host,
             )
             return None
         # Twisted's Factory takes IAddress | None and returns a Protocol; IProtocolFactory takes an IAddress and

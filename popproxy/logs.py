@@ -2,7 +2,7 @@
 
 ``twistd -n --logger popproxy.logs.json_stdout popproxy -c FILE`` writes one JSON object per event to
 standard output (journald under systemd keeps each as one entry). Every popproxy event carries its
-fields as data (``event``, ``session_id``, ``peer_host``, ``user``, ``upstream``, ``bytes_to_client``,
+fields as data (``event``, ``session_id``, ``client_host``, ``user``, ``upstream``, ``bytes_to_client``,
 ``client_tls_version``, ...), so security teams can query them without parsing messages.
 """
 

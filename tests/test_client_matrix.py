@@ -24,7 +24,7 @@ measured with curl 7.88 and fetchmail 6.4.37:
   polls (``127.0.0.1`` fails although the certificate has that IP address).
 
 The module also covers an ``address`` list that fails over, ``login_as = "{local}"``, and the
-upstream TLS facts in the ``session_ended`` event.
+upstream TLS facts in the ``session_close`` event.
 """
 
 from __future__ import annotations
@@ -365,7 +365,7 @@ def _session(matrix: Matrix, listener: str, upstream: str, name: str) -> int:
 def test_address_list_fails_over_to_the_second_address(matrix: Matrix) -> None:
     proxy = matrix.proxies["starttls"]
     port = _session(matrix, "implicit", "starttls", "matrix@failover.test")
-    ended = _wait_for(proxy, {"event": "session_ended", "peer_port": port})
+    ended = _wait_for(proxy, {"event": "session_close", "client_port": port})
     assert ended["user"] == "matrix@failover.test"
     assert ended["upstream"] == "failover"
     assert ended["upstream_peer_cert_sha256"]  # the second address, over verified STLS
@@ -379,7 +379,7 @@ def test_login_as_local_part(matrix: Matrix, dovecot: DovecotServer) -> None:
     proxy = matrix.proxies["implicit"]
     logins_before = dovecot.log_text().count(f"Login: user=<{USER}>")
     port = _session(matrix, "starttls", "implicit", "matrix@example.org")
-    ended = _wait_for(proxy, {"event": "session_ended", "peer_port": port})
+    ended = _wait_for(proxy, {"event": "session_close", "client_port": port})
     assert ended["user"] == "matrix@example.org"
     assert ended["upstream"] == "local"
     # Dovecot saw the local part only (it knows no "matrix@example.org": that login would fail).
@@ -407,7 +407,7 @@ def _served_certificate(dovecot: DovecotServer, upstream: str) -> bytes:
 def test_session_ended_carries_upstream_tls_facts(matrix: Matrix, dovecot: DovecotServer, upstream: str) -> None:
     proxy = matrix.proxies[upstream]
     port = _session(matrix, "implicit", upstream, USER)
-    ended = _wait_for(proxy, {"event": "session_ended", "peer_port": port})
+    ended = _wait_for(proxy, {"event": "session_close", "client_port": port})
     assert ended["upstream"] == "dovecot" and ended["ended"] == "quit"
     assert ended["client_tls_version"] in ("TLSv1.2", "TLSv1.3")
     if upstream == "none":

@@ -80,7 +80,7 @@ def test_session_events_are_structured(relay: Relay, dovecot: DovecotServer) -> 
     client.quit()
     time.sleep(0.2)
     events = relay.proxy.events()
-    ended = [e for e in events if e.get("event") == "session_ended" and e.get("user") == "dave"
+    ended = [e for e in events if e.get("event") == "session_close" and e.get("user") == "dave"
              and e.get("listener") == "listen[2]"][-1]
     assert ended["upstream"] == "dovecot"
     assert ended["ended"] == "quit"
@@ -89,11 +89,11 @@ def test_session_events_are_structured(relay: Relay, dovecot: DovecotServer) -> 
     assert ended["bytes_to_client"] > len(dave.messages[0])
     assert ended["bytes_from_upstream"] > len(dave.messages[0])
     assert isinstance(ended["duration"], float) and ended["duration"] >= 0
-    assert ended["peer_host"] == "127.0.0.1"
+    assert ended["client_host"] == "127.0.0.1"
     session = ended["session_id"]
-    opened = [e for e in events if e.get("event") == "session_opened" and e.get("session_id") == session]
-    assert opened and opened[0]["listener"] == "listen[2]" and opened[0]["peer_port"] == ended["peer_port"]
-    logins = [e for e in events if e.get("event") == "login" and e.get("session_id") == session]
+    opened = [e for e in events if e.get("event") == "session_open" and e.get("session_id") == session]
+    assert opened and opened[0]["listener"] == "listen[2]" and opened[0]["client_port"] == ended["client_port"]
+    logins = [e for e in events if e.get("event") == "auth" and e.get("session_id") == session]
     assert [e["result"] for e in logins] == ["ok"]
 
 

@@ -1031,11 +1031,11 @@ def test_one_identity_in_logs_and_the_per_user_cap(identity: Identity) -> None:
     first.close()
 
     def ended() -> list[dict[str, object]]:
-        return [e for e in identity.proxy.events() if e.get("peer_port") == port and e.get("event") == "session_ended"]
+        return [e for e in identity.proxy.events() if e.get("client_port") == port and e.get("event") == "session_close"]
 
     assert wait_for(lambda: ended() != [], 10)
     logins = [e for e in identity.proxy.events()
-              if e.get("peer_port") == port and e.get("event") == "login" and e.get("result") == "ok"]
+              if e.get("client_port") == port and e.get("event") == "auth" and e.get("result") == "ok"]
     users = {"login": [e.get("user") for e in logins], "session_ended": [e.get("user") for e in ended()]}
     assert users == {"login": ["user177"], "session_ended": ["user177"]}, f"the session's user in the logs: {users}"
 

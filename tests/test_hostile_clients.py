@@ -154,12 +154,12 @@ class Proxy:
 
         def idle() -> bool:
             kinds = [e.get("event") for e in self.events()]
-            return kinds.count("session_opened") == kinds.count("session_ended")
+            return kinds.count("session_open") == kinds.count("session_close")
 
         assert wait_for(idle, timeout), "sessions of earlier tests did not end"
 
-    def ended(self, peer_host: str) -> list[dict[str, object]]:
-        return [e for e in self.events() if e.get("event") == "session_ended" and e.get("peer_host") == peer_host]
+    def ended(self, client_host: str) -> list[dict[str, object]]:
+        return [e for e in self.events() if e.get("event") == "session_close" and e.get("client_host") == client_host]
 
 
 def _write_config(folder: Path, listeners: list[tuple[str, int, str]], certificate: Path, body: str) -> Path:

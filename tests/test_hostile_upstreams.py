@@ -270,8 +270,8 @@ def count_until_closed(raw: RawPOP3, limit: int) -> tuple[int, bytes, str]:
 
 def session_of(events: list[dict[str, Any]], user: str = "victim") -> list[dict[str, Any]]:
     """Every event of the (one) session that tried to log in as ``user``."""
-    opened = {e["session_id"] for e in events if e.get("event") == "session_opened"}
-    others = {e["session_id"] for e in events if e.get("event") == "login" and e.get("user") != user}
+    opened = {e["session_id"] for e in events if e.get("event") == "session_open"}
+    others = {e["session_id"] for e in events if e.get("event") == "auth" and e.get("user") != user}
     ids = opened - others  # a session whose login never finished logged no login event
     assert len(ids) == 1, f"expected one session of {user}, found {ids}"
     return [e for e in events if e.get("session_id") in ids]
@@ -282,7 +282,7 @@ def log_text(events: list[dict[str, Any]]) -> str:
 
 
 def ended(events: list[dict[str, Any]]) -> dict[str, Any]:
-    found = [e for e in session_of(events) if e.get("event") == "session_ended"]
+    found = [e for e in session_of(events) if e.get("event") == "session_close"]
     assert len(found) == 1, found
     return found[0]
 
@@ -298,7 +298,7 @@ async def closed_session(events: list[dict[str, Any]]) -> dict[str, Any]:
     """The victim's ``session_ended`` event, once it was logged."""
 
     def logged() -> bool:
-        return any(e.get("event") == "session_ended" and e.get("user") != "healthy" for e in events)
+        return any(e.get("event") == "session_close" and e.get("user") != "healthy" for e in events)
 
     await wait_for(logged)
     return ended(events)
@@ -346,7 +346,7 @@ async def test_upstream_refuses_the_connection(tmp_path: Path, events: list[dict
     assert answer == UPSTREAM_DOWN
     assert again == b"+OK\r\n" + UPSTREAM_DOWN
     assert bye == b"+OK Bye.\r\n"
-    failures = [e for e in session_of(events) if e.get("event") == "login"]
+    failures = [e for e in session_of(events) if e.get("event") == "auth"]
     assert [e["result"] for e in failures] == ["unavailable", "unavailable"]
     assert "refused" in failures[0]["reason"].lower()
     assert "unreachable" in log_text(events) and address in log_text(events)
@@ -385,7 +385,7 @@ async def test_login_timeout_during_the_upstream_login_is_logged_against_the_ups
 
         assert await against(proxy, victim) == b"-ERR [SYS/TEMP] Autologout: login timeout.\r\n"
         await closed_session(events)
-    logins = [e for e in session_of(events) if e.get("event") == "login"]
+    logins = [e for e in session_of(events) if e.get("event") == "auth"]
     assert logins and logins[-1]["user"] == "victim" and logins[-1]["upstream"] == "hostile"
 
 
@@ -438,7 +438,7 @@ async def test_bad_greeting_is_sys_temp_and_gets_no_credentials(tmp_path: Path, 
     assert noop == b"+OK\r\n"  # the session goes on; the client may try again later
     assert upstream.received == []  # no CAPA, no USER, no PASS, no QUIT
     assert conns[0].sent < 8 * MiB  # the endless one was cut off, not read to its end
-    failure = [e for e in session_of(events) if e.get("event") == "login"][-1]
+    failure = [e for e in session_of(events) if e.get("event") == "auth"][-1]
     assert failure["result"] == "unavailable"
     if isinstance(opening[0], Stream):
         assert "beyond the limits" in log_text(session_of(events))
@@ -470,7 +470,7 @@ async def test_upstream_hanging_during_login_times_out(tmp_path: Path, events: l
     no_quit(upstream)
     text = log_text(session_of(events))
     assert "upstream sent nothing for" in text and "while an answer was due" in text
-    assert [e["result"] for e in session_of(events) if e.get("event") == "login"] == ["unavailable"]
+    assert [e["result"] for e in session_of(events) if e.get("event") == "auth"] == ["unavailable"]
 
 
 # -- the upstream breaks in the middle of the session -------------------------------------------------
@@ -824,7 +824,7 @@ async def test_response_injected_around_stls_never_answers_a_command(
         assert answer == UPSTREAM_DOWN
         assert stat.startswith(b"-ERR")  # not logged in
         assert upstream.received == [b"STLS"]  # no credentials, in the clear or otherwise
-        failure = [e for e in session_of(events) if e.get("event") == "login"][-1]
+        failure = [e for e in session_of(events) if e.get("event") == "auth"][-1]
         assert "TLS handshake failed" in failure["reason"]
     assert [w["count"] for w in warnings] == ([discarded] if discarded else [])
     no_quit(upstream)
@@ -970,7 +970,7 @@ async def test_odd_login_refusals_map_to_known_answers(tmp_path: Path, events: l
         await deferToThread(upstream.wait_closed)
     assert answer == expected
     assert b"X-ODD" not in answer and b"account disabled" not in answer  # the upstream's words stay out
-    assert [e["result"] for e in session_of(events) if e.get("event") == "login"] == ["refused"]
+    assert [e["result"] for e in session_of(events) if e.get("event") == "auth"] == ["refused"]
 
 
 CAPA_AUTH_RESP_CODE = b"+OK Capability list follows\r\nUSER\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\n.\r\n"
@@ -995,7 +995,7 @@ async def test_refusal_without_auth_code_from_an_auth_resp_code_upstream(
         answer = (await against(proxy, log_in))[1]
         await deferToThread(upstream.wait_closed)
     assert answer == expected
-    assert [e["result"] for e in session_of(events) if e.get("event") == "login"] == [result]
+    assert [e["result"] for e in session_of(events) if e.get("event") == "auth"] == [result]
 
 
 _flush_log = Logger(namespace="test_hostile_upstreams")
@@ -1021,7 +1021,7 @@ async def test_upstream_closing_during_login_leaves_no_session_alive(tmp_path: P
         answer, bye = await against(proxy, victim)
         await wait_for(lambda: not proxy.sessions)
     assert answer == UPSTREAM_DOWN and bye == b"+OK Bye.\r\n"
-    assert [e["result"] for e in session_of(events) if e.get("event") == "login"] == ["unavailable"]
+    assert [e["result"] for e in session_of(events) if e.get("event") == "auth"] == ["unavailable"]
     events.clear()  # the events hold their sources, the sessions
     for _ in range(256):  # and so does Twisted's buffer of the last 200 events, in a test process
         _flush_log.debug("flushing the log history buffer")

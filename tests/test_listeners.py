@@ -85,9 +85,9 @@ def test_proxy_protocol_unix_and_peer_filter(tmp_path: Path, dovecot: DovecotSer
     finally:
         proxy.stop()
     events = proxy.events()
-    peers = {e.get("peer_host") for e in events if e.get("event") == "session_opened"}
+    peers = {e.get("client_host") for e in events if e.get("event") == "session_open"}
     assert "192.0.2.10" in peers and "198.51.100.7" in peers
     assert "203.0.113.1" not in peers
-    ended = [e for e in events if e.get("event") == "session_ended" and e.get("peer_host") == "198.51.100.7"]
+    ended = [e for e in events if e.get("event") == "session_close" and e.get("client_host") == "198.51.100.7"]
     assert ended and ended[0]["client_tls_version"] in ("TLSv1.2", "TLSv1.3")
     assert any("not in proxy_from" in str(e.get("log_format", "")) for e in events)

@@ -92,7 +92,7 @@ class Harness:
             MachineSettings(listener=config.listeners[0], config=config, stls_available=True, now=self.now.seconds,
                             plan=hook_plan(built), cache=MessageCache(config.limits.message_cache)),
             self._record,
-            peer_host="192.0.2.1",
+            client_host="192.0.2.1",
         )
 
     def _record(self, effect: Effect) -> None:

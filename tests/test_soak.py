@@ -28,7 +28,7 @@ How:
 - After each round: no wrong answer, and failures only where the restart explains them; every
   mailbox's UIDL set, read straight from Dovecot, exactly as expected; Dovecot's own log shows no QUIT
   that a client did not send; no session object alive, the factories and the guard empty, one
-  ``session_ended`` event per connection and no error logged; RSS, gc objects and allocated blocks.
+  ``session_close`` event per connection and no error logged; RSS, gc objects and allocated blocks.
 - Round 0 is a smaller warm-up; rounds 1 and 2 are the same workload, and round 2 must leave the
   proxy's memory where round 1 left it (``PLATEAU``).
 
@@ -762,10 +762,10 @@ class EventCounter:
 
     def __call__(self, event: dict[str, Any]) -> None:
         name = event.get("event")
-        if name == "session_ended":
-            self.counts["session_ended"] += 1
+        if name == "session_close":
+            self.counts["session_close"] += 1
             self.counts["ended: " + str(event.get("ended"))] += 1
-        elif name == "login":
+        elif name == "auth":
             self.counts["login: " + str(event.get("result"))] += 1
         elif event.get("log_level") is not None and event["log_level"].name in ("warn", "error", "critical"):
             self.counts["warn: " + str(event.get("log_format", ""))[:60]] += 1
@@ -932,7 +932,7 @@ async def check_round(number: int, report: Report, duration: float, service: Pro
     assert service.guard.sessions == 0
     assert not service.guard._users, dict(service.guard._users)
     events = counter.take()
-    assert events["session_ended"] == len(outcomes), events  # one session per connection, each logged
+    assert events["session_close"] == len(outcomes), events  # one session per connection, each logged
     assert events["error"] == 0, events
 
     # 3. Every mailbox, read straight from Dovecot, holds exactly what it should.

@@ -119,7 +119,7 @@ async def run(tmp_path: Path, ca: CertificateAuthority, upstream_tls: str, leaf:
 
 
 def login_failures(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [e for e in events if e.get("event") == "login" and e.get("result") == "unavailable"]
+    return [e for e in events if e.get("event") == "auth" and e.get("result") == "unavailable"]
 
 
 def assert_no_credentials(fake: FakePOP3Factory) -> None:
@@ -133,7 +133,7 @@ async def test_verified_upstream_tls_relays(tmp_path: Path, ca: CertificateAutho
     answers, _fake = await run(tmp_path, ca, upstream_tls, leaf, LOGIN + [(b"RETR 1", True), (b"QUIT", False)])
     assert answers[2] == b"+OK Logged in.\r\n"
     assert answers[3] == b"+OK %d octets\r\n" % len(MESSAGE) + wire_body(MESSAGE)
-    ended = [e for e in events if e.get("event") == "session_ended" and e.get("user") == "alice"][-1]
+    ended = [e for e in events if e.get("event") == "session_close" and e.get("user") == "alice"][-1]
     assert ended["upstream_tls_version"] in ("TLSv1.2", "TLSv1.3")
     assert ended["upstream_peer_cert_sha256"] == leaf.sha256_fingerprint
 
@@ -297,5 +297,5 @@ async def test_second_login_resumes_the_upstream_tls_session(tmp_path: Path, ca:
         await service.stopService()
         upstream.close()
     assert upstream.reused == [False, True, True]
-    ended = [e for e in events if e.get("event") == "session_ended" and e.get("user") == "alice"]
+    ended = [e for e in events if e.get("event") == "session_close" and e.get("user") == "alice"]
     assert {e["upstream_peer_cert_sha256"] for e in ended} == {leaf.sha256_fingerprint}

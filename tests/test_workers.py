@@ -114,7 +114,7 @@ def test_every_worker_serves_and_every_message_arrives_intact(proxy: ProxyProces
             assert hashlib.sha256(b"\r\n".join(lines) + b"\r\n").digest() == hashlib.sha256(expected).digest()
         client.quit()
     time.sleep(0.3)
-    served_by = {e.get("worker") for e in proxy.events() if e.get("event") == "login" and e.get("result") == "ok"}
+    served_by = {e.get("worker") for e in proxy.events() if e.get("event") == "auth" and e.get("result") == "ok"}
     assert served_by == {1, 2}, served_by
 
 
@@ -165,7 +165,7 @@ def test_sigterm_reaches_the_workers_and_the_parent_exits(tmp_path: Path, doveco
 
 def session_workers(proxy: ProxyProcess) -> dict[str, object]:
     """session_id -> the worker that served it, from the ``session_opened`` events."""
-    return {str(e["session_id"]): e.get("worker") for e in proxy.events() if e.get("event") == "session_opened"}
+    return {str(e["session_id"]): e.get("worker") for e in proxy.events() if e.get("event") == "session_open"}
 
 
 @pytest.mark.parametrize(("limit", "refusal"), [("max_sessions = 2", "too many sessions"),
@@ -202,14 +202,14 @@ def test_a_failed_login_is_penalised_on_the_other_worker_too(tmp_path: Path, dov
         with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
             log_in(port, password="wrong")
         time.sleep(0.2)
-        failed_on = next(e.get("worker") for e in process.events() if e.get("event") == "login"
+        failed_on = next(e.get("worker") for e in process.events() if e.get("event") == "auth"
                          and e.get("result") == "refused")
         for _ in range(30):
             started = time.monotonic()
             log_in(port).quit()
             waited = time.monotonic() - started
             time.sleep(0.1)
-            ok = [e.get("worker") for e in process.events() if e.get("event") == "login" and e.get("result") == "ok"]
+            ok = [e.get("worker") for e in process.events() if e.get("event") == "auth" and e.get("result") == "ok"]
             if ok[-1] != failed_on:
                 break
         else:
@@ -241,7 +241,7 @@ def test_audit_records_from_every_worker_reach_one_file_whole_and_rotate_once(
             session()
         time.sleep(0.5)
         served = session_workers(process)
-        logged_in = {str(e["session_id"]) for e in process.events() if e.get("event") == "login"}
+        logged_in = {str(e["session_id"]) for e in process.events() if e.get("event") == "auth"}
     finally:
         process.stop()
     files = sorted(tmp_path.glob("audit.jsonl*"))
@@ -287,7 +287,7 @@ def test_a_reload_one_worker_cannot_use_changes_nothing(tmp_path: Path, dovecot:
                 log_in(port)
 
         until_both(process, "login for {user} at {upstream} failed", down_now)
-        assert not [e for e in process.events() if e.get("event") == "login" and e.get("result") == "ok"
+        assert not [e for e in process.events() if e.get("event") == "auth" and e.get("result") == "ok"
                     and e["log_time"] > failed[0]["log_time"] and e.get("upstream") == "down"]
     finally:
         process.stop()
@@ -308,7 +308,7 @@ def test_a_dead_worker_is_started_again_and_its_counts_released(proxy: ProxyProc
     cut, a new worker takes its place, and dave may open as many sessions as were lost."""
     clients = [log_in(proxy.ports[0]) for _ in range(3)]
     time.sleep(0.3)
-    by_worker = [e.get("worker") for e in proxy.events() if e.get("event") == "login" and e.get("result") == "ok"]
+    by_worker = [e.get("worker") for e in proxy.events() if e.get("event") == "auth" and e.get("result") == "ok"]
     victim = by_worker[0]
     pids = worker_pids(proxy)
     os.kill(pids[victim], signal.SIGKILL)  # type: ignore[index]
@@ -376,7 +376,7 @@ def test_proxy_protocol_addresses_are_counted_by_the_parent(tmp_path: Path, dove
         held.append(other)
         assert answer == b"+OK POP3 proxy ready.\r\n+OK\r\n"
         refusals = [e for e in process.events() if e.get("refusal")]
-        assert {e["peer_host"] for e in refusals} == {"192.0.2.7"}
+        assert {e["client_host"] for e in refusals} == {"192.0.2.7"}
     finally:
         for sock in held:
             sock.close()

@@ -185,7 +185,7 @@ class ClientProtocol(Protocol):
 
     def _fields(self) -> dict[str, Any]:
         host, port = peer_fields(self.transport.getPeer() if self.transport is not None else None)
-        return {"session_id": self.session_id, "peer_host": host, "peer_port": port, "listener": self.settings.listener.key}
+        return {"session_id": self.session_id, "client_host": host, "client_port": port, "listener": self.settings.listener.key}
 
     def session_facts(self, user: str | None = None, upstream: str | None = None) -> SessionFacts:
         """A snapshot of what is known about this session, for hooks. Made again only when
@@ -202,8 +202,8 @@ class ClientProtocol(Protocol):
         fields = self._fields()
         facts = SessionFacts(
             session_id=self.session_id,
-            client_host=str(fields["peer_host"]),
-            client_port=int(fields["peer_port"] or 0),
+            client_host=str(fields["client_host"]),
+            client_port=int(fields["client_port"] or 0),
             listener=self.settings.listener.key,
             user=user,
             upstream=upstream,
@@ -217,8 +217,8 @@ class ClientProtocol(Protocol):
         if not self._opened_logged:
             self._opened_logged = True
             self.log.info(
-                "session {session_id} opened from {peer_host}:{peer_port} on {listener}",
-                event="session_opened",
+                "session {session_id} opened from {client_host}:{client_port} on {listener}",
+                event="session_open",
                 endpoint=self.settings.listener.endpoint,
                 **self._fields(),
             )
@@ -241,8 +241,8 @@ class ClientProtocol(Protocol):
             self._admit(None, first=True)
         else:
             self._log_opened()
-            host = self._fields()["peer_host"]
-            self.machine.peer_host = host
+            host = self._fields()["client_host"]
+            self.machine.client_host = host
             self._admit(host, first=True)
 
     def _admit(self, host: str | None, first: bool) -> None:
@@ -295,8 +295,8 @@ class ClientProtocol(Protocol):
         self._address_known = True
         self._cancel(self._header_timer)
         self._log_opened()
-        host = self._fields()["peer_host"]
-        self.machine.peer_host = host
+        host = self._fields()["client_host"]
+        self.machine.client_host = host
         self._gate = None
         self._admit(host, first=False)
         if data is not None:
@@ -536,7 +536,7 @@ class ClientProtocol(Protocol):
         machine = self.machine
         fields = self._fields()
         fields.update(
-            event="session_ended",
+            event="session_close",
             user=machine.user,
             upstream=machine.upstream_name,
             bytes_from_client=machine.bytes_in,

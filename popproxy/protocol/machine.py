@@ -228,11 +228,11 @@ def _settles(method: Callable[_P, None]) -> Callable[_P, None]:
 class SessionMachine:
     """One client session, from greeting to close. See the module docstring."""
 
-    def __init__(self, settings: MachineSettings, emit: Callable[[Effect], None], peer_host: str = "") -> None:
+    def __init__(self, settings: MachineSettings, emit: Callable[[Effect], None], client_host: str = "") -> None:
         self.settings = settings
         self._emit = emit
         self._limits = settings.config.limits
-        self.peer_host = peer_host
+        self.client_host = client_host
         self.state = State.AUTHORIZATION
         self._lines = CommandLines(MAX_COMMAND_LINE)
         self.tls_active = settings.listener.tls == "implicit"
@@ -424,7 +424,7 @@ class SessionMachine:
             sizes, uidls = listing
             self.mailbox = MailboxView(sizes, uidls, self.settings.plan.message_hooks(user), self.settings.cache)
         self._log("info", "session {session_id}: {user} logged in to {upstream}",
-                  event="login", user=user, upstream=upstream, result="ok")
+                  event="auth", user=user, upstream=upstream, result="ok")
         self._set_session_timer(self._limits.idle_timeout)
         self._notify_authenticated("ok", None, user, upstream)
         if self.mailbox is not None:
@@ -448,7 +448,7 @@ class SessionMachine:
         else:
             answer, code, result = UPSTREAM_DOWN, "SYS/TEMP", "unavailable"
         self._log("info", "session {session_id}: login for {user} at {upstream} failed: {reason}",
-                  event="login", user=user, upstream=upstream, result=result, code=code,
+                  event="auth", user=user, upstream=upstream, result=result, code=code,
                   reason=reason if result == "unavailable" else f"upstream said {code or 'no'}")
         self._notify_authenticated(result, code, user, upstream)
         if result == "refused":
@@ -561,7 +561,7 @@ class SessionMachine:
             if self.attempt is not None:
                 user, upstream = self.attempt
                 self._log("info", "session {session_id}: login for {user} at {upstream} abandoned: {reason}",
-                          event="login", user=user, upstream=upstream, result="abandoned", reason=self.end_reason)
+                          event="auth", user=user, upstream=upstream, result="abandoned", reason=self.end_reason)
             self._pending_login = None
             self._emit(CancelLogin())
             return
@@ -917,7 +917,7 @@ class SessionMachine:
         # that no answer within it means success.
         self._pending_login = (user, password)
         self._penalty = None
-        self._emit(AskPenalty(self.peer_host, self.login_failures))
+        self._emit(AskPenalty(self.client_host, self.login_failures))
 
     def _route(self, user: str, password: bytes) -> None:
         route = self.settings.config.routing.route(user)
@@ -925,7 +925,7 @@ class SessionMachine:
             self._release(Leg.CLIENT, Hold.LOGIN)
             self.state = State.AUTHORIZATION
             self._log("info", "session {session_id}: login for {user} refused: no route",
-                      event="login", user=user, result="refused", code="AUTH")
+                      event="auth", user=user, result="refused", code="AUTH")
             self._notify_authenticated("refused", "AUTH", user, None)
             self._login_refused(AUTH_FAILED)
             return
@@ -937,7 +937,7 @@ class SessionMachine:
         """A failed login: counted for this connection and address (the next login from either waits
         longer before it is tried), and after ``max_login_failures`` the connection is closed."""
         self.login_failures += 1
-        self._emit(RecordFailure(self.peer_host))
+        self._emit(RecordFailure(self.client_host))
         self._answer(answer)
         if self.login_failures >= self._limits.max_login_failures:
             self._log("info", "session {session_id}: {count} failed logins; disconnecting", count=self.login_failures)
