@@ -20,6 +20,7 @@ import os
 import re
 import string
 import tomllib
+import urllib.parse
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -28,11 +29,14 @@ from typing import Any, Final
 
 __all__ = [
     "Address",
+    "AllowedUpstream",
     "ConfigError",
     "HookConfig",
     "HookOptions",
     "LimitsConfig",
     "ListenerConfig",
+    "LookupConfig",
+    "MetricsConfig",
     "ProxyConfig",
     "RoutingConfig",
     "UpstreamConfig",
@@ -41,6 +45,9 @@ __all__ = [
 ]
 
 TLS_MODES: Final = ("none", "starttls", "implicit")
+#: How an upstream learns the client's address: not at all, Dovecot's XCLIENT command, or a PROXY
+#: protocol header (v1 text, v2 binary) before anything else on the connection.
+FORWARD_CLIENT_MODES: Final = ("none", "xclient", "proxy-v1", "proxy-v2")
 TLS_VERSIONS: Final = ("1.2", "1.3")
 ENDPOINT_TYPES: Final = ("tcp", "tcp6", "unix", "systemd")
 LOGIN_PLACEHOLDERS: Final = ("user", "local", "domain")
@@ -131,6 +138,9 @@ class ListenerConfig:
     #: is replaced (seconds); False turns resumption off
     session_tickets: bool = True
     ticket_key_lifetime: float = DEFAULT_TICKET_KEY_LIFETIME
+    #: legacy devices that may log in without STLS although ``require_tls`` is on (their address as
+    #: a PROXY header gives it behind ``haproxy:``); each network at most a /24 (IPv4) or /56 (IPv6)
+    plaintext_from: tuple[IPNetwork, ...] = ()
 
     @property
     def haproxy(self) -> bool:
@@ -170,6 +180,8 @@ class UpstreamConfig:
     ca: Path | None
     server_name: str
     login_as: str
+    #: one of ``FORWARD_CLIENT_MODES``: how the client's address is passed to this upstream
+    forward_client: str = "none"
 
     def login_name(self, user: str) -> str:
         """The name to send upstream for ``user``, by the ``login_as`` template.
@@ -202,17 +214,57 @@ def _normalise_user(user: str, user_case: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class AllowedUpstream:
+    """One ``[routing.lookup] allowed_upstreams`` entry: a lookup may route to an address in
+    ``network`` on one of ``ports``, and nowhere else."""
+
+    network: IPNetwork
+    ports: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LookupConfig:
+    """``[routing.lookup]``: ask an HTTP service speaking nginx's mail ``auth_http`` protocol where a
+    user goes (``popproxy.lookup``), for users that no ``[routing.users]`` entry names.
+
+    ``template`` names the ``[upstream.NAME]`` whose TLS mode, ``verify``, ``ca``, ``server_name``,
+    ``connect_timeout`` and ``login_as`` apply to the address the service answers with.
+    ``headers`` are extra request headers (name, value), e.g. a shared secret; ``ca`` is the
+    trust root for an ``https`` URL (None: the system's). Seconds are floats; ``cache_size`` 0
+    turns the cache off.
+    """
+
+    url: str
+    template: str
+    allowed_upstreams: tuple[AllowedUpstream, ...]
+    timeout: float = 10.0
+    connect_timeout: float = 5.0
+    cache_ttl: float = 60.0
+    cache_size: int = 10000
+    headers: tuple[tuple[str, str], ...] = ()
+    send_password: bool = True
+    ca: Path | None = None
+
+    def allows(self, host: str, port: int) -> bool:
+        """Whether the IP address ``host`` (an IPv4-mapped IPv6 address counting as its IPv4
+        address) and ``port`` fall within one ``allowed_upstreams`` entry."""
+        return any(port in entry.ports and in_networks(host, (entry.network,)) for entry in self.allowed_upstreams)
+
+
+@dataclass(frozen=True, slots=True)
 class RoutingConfig:
     """Which upstream serves which user (``[routing]``).
 
     ``users`` holds exact names already normalised by ``user_case``, ``domains`` lowercase domains
-    without their ``@``.
+    without their ``@``. ``lookup``: the HTTP lookup asked for users that ``route`` finds no
+    upstream for (``default`` is then None: the two are exclusive).
     """
 
     default: str | None
     users: Mapping[str, str]
     domains: Mapping[str, str]
     user_case: str = "lower"
+    lookup: LookupConfig | None = None
 
     def normalise(self, user: str) -> str:
         """The session's one identity for the name ``user`` a client logged in with.
@@ -230,6 +282,10 @@ class RoutingConfig:
         Precedence: the exact user name (``users``' keys are normalised at load time, so pass
         ``normalise(name)``), then the domain after the last ``@`` (case-insensitive, as DNS is),
         then ``default``.
+
+        With ``lookup`` set, ``default`` is always None, and None means "no static route: ask the
+        lookup" (``popproxy.lookup.HTTPRouteLookup``); without ``lookup``, None means "refuse".
+        Static entries always win over the lookup, so a few users can be pinned by hand.
         """
         if user in self.users:
             return self.users[user]
@@ -430,6 +486,21 @@ class ProcessConfig:
     workers: int = 1
 
 
+#: The endpoint types ``[metrics] endpoint`` may use (no TLS, no PROXY header: a scraper on a trusted network).
+METRICS_ENDPOINT_TYPES: Final = ("tcp", "tcp6", "unix")
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """``[metrics]``: where Prometheus scrapes ``/metrics`` and a load balancer asks ``/healthz``.
+
+    ``endpoint`` is a Twisted server endpoint string (``tcp:9110:interface=127.0.0.1``); its type is
+    checked here, the rest when it is parsed (``listeners.check_endpoints``). Changing it takes a
+    restart: a reload that changes it is refused."""
+
+    endpoint: str
+
+
 @dataclass(frozen=True, slots=True)
 class ProxyConfig:
     """The whole configuration. ``upstreams`` is read-only (a ``MappingProxyType``)."""
@@ -441,6 +512,7 @@ class ProxyConfig:
     limits: LimitsConfig
     hooks: tuple[HookConfig, ...] = ()
     process: ProcessConfig = ProcessConfig()
+    metrics: MetricsConfig | None = None
 
 
 def load_config(path: str | os.PathLike[str], data: bytes | None = None) -> ProxyConfig:
@@ -486,16 +558,26 @@ def parse_config(text: str, path: Path) -> ProxyConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:  # its message carries "(at line L, column C)"
         raise ConfigError(path, "-", f"TOML syntax error: {error}") from None
-    root = _Table(data, "", path, ("listen", "upstream", "routing", "limits", "hook", "process"))
+    root = _Table(data, "", path, ("listen", "upstream", "routing", "limits", "hook", "process", "metrics"))
     listeners = _listeners(root, path.parent)
     upstreams = _upstreams(root, path.parent)
     routing = _routing(
-        _Table(root.take("routing", dict, {}), "routing", path, ("default", "user_case", "users")), upstreams
+        _Table(root.take("routing", dict, {}), "routing", path, ("default", "user_case", "users", "lookup")), upstreams
     )
     limits = _limits(_Table(root.take("limits", dict, {}), "limits", path, _LIMIT_KEYS))
     hooks = _hooks(root, routing.user_case)  # after [routing]: hooks' users are normalised by its user_case
     process = _process(_Table(root.take("process", dict, {}), "process", path, ("workers",)))
-    return ProxyConfig(path, listeners, MappingProxyType(upstreams), routing, limits, hooks, process)
+    metrics = _metrics(_Table(root.take("metrics", dict), "metrics", path, ("endpoint",))) if "metrics" in root.data else None
+    return ProxyConfig(path, listeners, MappingProxyType(upstreams), routing, limits, hooks, process, metrics)
+
+
+def _metrics(t: _Table) -> MetricsConfig:
+    endpoint: str = t.take("endpoint", str)
+    kind = endpoint.partition(":")[0]
+    if kind not in METRICS_ENDPOINT_TYPES:
+        shown = ", ".join(f'"{name}:"' for name in METRICS_ENDPOINT_TYPES)
+        raise t.error("endpoint", f"must be a {shown} endpoint, not {endpoint!r}")
+    return MetricsConfig(endpoint)
 
 
 def _process(t: _Table) -> ProcessConfig:
@@ -519,7 +601,11 @@ def _listeners(root: _Table, base: Path) -> tuple[ListenerConfig, ...]:
 
 
 _LISTENER_KEYS = ("endpoint", "tls", "certificate", "tls_min_version", "require_tls", "proxy_from", "session_tickets",
-                  "ticket_key_lifetime")
+                  "ticket_key_lifetime", "plaintext_from")
+
+#: The widest network ``plaintext_from`` accepts, by IP version: an exception for a few named legacy
+#: devices, never for a whole site.
+PLAINTEXT_FROM_MAX_PREFIX = {4: 24, 6: 56}
 
 
 def _listener(t: _Table, base: Path) -> ListenerConfig:
@@ -544,8 +630,16 @@ def _listener(t: _Table, base: Path) -> ListenerConfig:
     if not session_tickets:
         t.reject_if_present(("ticket_key_lifetime",), "has no effect with session_tickets = false")
     lifetime = _seconds(t, "ticket_key_lifetime", DEFAULT_TICKET_KEY_LIFETIME)
+    if not require_tls:
+        t.reject_if_present(("plaintext_from",), 'only applies to tls = "starttls" listeners with require_tls = true')
+    plaintext_from = _networks(t, "plaintext_from", (), allow_empty=True)
+    for index, network in enumerate(plaintext_from):
+        widest = PLAINTEXT_FROM_MAX_PREFIX[network.version]
+        if network.prefixlen < widest:
+            raise t.error(f"plaintext_from[{index}]",
+                          f"{network} is wider than a /{widest}: name the legacy devices, not a whole network")
     return ListenerConfig(t.key, endpoint, tls, certificates, tls_min_version, require_tls, proxy_from,
-                          session_tickets, lifetime)
+                          session_tickets, lifetime, plaintext_from)
 
 
 def _endpoint(t: _Table) -> str:
@@ -598,7 +692,7 @@ def _upstreams(root: _Table, base: Path) -> dict[str, UpstreamConfig]:
     return upstreams
 
 
-_UPSTREAM_KEYS = ("address", "tls", "connect_timeout", "verify", "ca", "server_name", "login_as")
+_UPSTREAM_KEYS = ("address", "tls", "connect_timeout", "verify", "ca", "server_name", "login_as", "forward_client")
 
 
 def _upstream(name: str, t: _Table, base: Path) -> UpstreamConfig:
@@ -616,7 +710,8 @@ def _upstream(name: str, t: _Table, base: Path) -> UpstreamConfig:
     if not server_name or server_name != server_name.strip() or server_name.startswith("["):
         raise t.error("server_name", f"{server_name!r} is not a host name or IP address (no brackets)")
     login_as = _login_as(t)
-    return UpstreamConfig(name, addresses, tls, connect_timeout, verify, ca, server_name, login_as)
+    forward_client = _choice(t, "forward_client", FORWARD_CLIENT_MODES, "none")
+    return UpstreamConfig(name, addresses, tls, connect_timeout, verify, ca, server_name, login_as, forward_client)
 
 
 def _address(t: _Table, key: str, text: str) -> Address:
@@ -707,9 +802,103 @@ def _routing(t: _Table, upstreams: Mapping[str, UpstreamConfig]) -> RoutingConfi
             )
         domains[domain] = target
         domain_keys[domain] = name
-    if default is None and not users and not domains:
-        raise ConfigError(t.path, "routing", "no routes: set routing.default or add [routing.users] entries")
-    return RoutingConfig(default, MappingProxyType(users), MappingProxyType(domains), user_case)
+    lookup = None
+    if "lookup" in t.data:
+        lookup = _lookup(_Table(t.take("lookup", dict), "routing.lookup", t.path, _LOOKUP_KEYS), upstreams)
+        if default is not None:
+            raise ConfigError(
+                t.path, "routing.default",
+                "cannot be combined with routing.lookup: users without a [routing.users] entry are "
+                "routed by the lookup (route the rest with a catch-all in the lookup service)",
+            )
+    if default is None and not users and not domains and lookup is None:
+        raise ConfigError(
+            t.path, "routing", "no routes: set routing.default, add [routing.users] entries or configure routing.lookup"
+        )
+    return RoutingConfig(default, MappingProxyType(users), MappingProxyType(domains), user_case, lookup)
+
+
+_LOOKUP_KEYS: Final = ("url", "template", "allowed_upstreams", "timeout", "connect_timeout", "cache_ttl",
+                       "cache_size", "headers", "send_password", "ca")
+# RFC 9110 §5.1: a field name is a token.
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# Request headers popproxy writes itself (nginx's auth_http request): extra headers may not replace them.
+_LOOKUP_OWN_HEADERS: Final = ("host", "auth-method", "auth-user", "auth-pass", "auth-protocol", "auth-login-attempt",
+                              "client-ip", "client-host", "connection", "content-length", "transfer-encoding")
+
+
+def _lookup(t: _Table, upstreams: Mapping[str, UpstreamConfig]) -> LookupConfig:
+    url: str = t.take("url", str)
+    if not url.isascii() or any(c.isspace() or not c.isprintable() for c in url):
+        raise t.error("url", f"{url!r}: only printable ASCII without spaces (percent-encode the rest)")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise t.error("url", f'{url!r}: expected "http://host[:port]/path" or "https://..."')
+    if "@" in parts.netloc or parts.fragment:
+        raise t.error("url", f"{url!r}: no user name, password or #fragment in the URL (send a secret in headers)")
+    try:
+        parts.port  # noqa: B018  (raises ValueError for a port out of range or not a number)
+    except ValueError as error:
+        raise t.error("url", f"{url!r}: {error}") from None
+    if not parts.hostname:
+        raise t.error("url", f"{url!r}: no host")
+    scheme = parts.scheme
+    template: str = t.take("template", str)
+    if template not in upstreams:
+        known = ", ".join(sorted(upstreams))
+        raise t.error("template", f"unknown upstream {template!r} (defined: {known})")
+    allowed = _allowed_upstreams(t)
+    timeout = _seconds(t, "timeout", 10.0)
+    connect_timeout = _seconds(t, "connect_timeout", min(5.0, timeout))
+    if connect_timeout > timeout:
+        raise t.error("connect_timeout", f"must not exceed timeout ({timeout:g} s), which bounds the whole answer")
+    cache_ttl = _seconds(t, "cache_ttl", 60.0)
+    cache_size = t.take("cache_size", int, 10000)
+    if cache_size < 0:
+        raise t.error("cache_size", f"must be a number of entries, 0 or more (0 turns the cache off), not {cache_size}")
+    headers: list[tuple[str, str]] = []
+    for name, value in t.take("headers", dict, {}).items():
+        key = f"headers.{name}"
+        if not _HEADER_NAME.fullmatch(name):
+            raise t.error(key, "not a valid HTTP header name (RFC 9110 §5.1: letters, digits and !#$%&'*+.^_`|~-)")
+        if name.lower() in _LOOKUP_OWN_HEADERS:
+            raise t.error(key, "popproxy sends this header itself (as nginx's auth_http does)")
+        if not isinstance(value, str):
+            raise t.error(key, f"must be a string, not {_toml_type(value)}")
+        if not value.isascii() or any(not c.isprintable() for c in value) or value != value.strip():
+            raise t.error(key, "the value must be printable ASCII without leading or trailing spaces")
+        headers.append((name, value))
+    send_password = t.take("send_password", bool, True)
+    ca_name = t.take("ca", str, None)
+    if ca_name is not None and scheme != "https":
+        raise t.error("ca", "only applies to an https:// url")
+    ca = None if ca_name is None else _file(t, "ca", ca_name, t.path.parent)
+    return LookupConfig(url, template, allowed, timeout, connect_timeout, cache_ttl, cache_size, tuple(headers),
+                        send_password, ca)
+
+
+def _allowed_upstreams(t: _Table) -> tuple[AllowedUpstream, ...]:
+    """``allowed_upstreams = [{ network = "10.0.0.0/8", ports = [110, 995] }, ...]``: required and
+    non-empty, so that no answer of the lookup service can make popproxy connect anywhere else."""
+    entries = t.take("allowed_upstreams", list)
+    if not entries:
+        raise t.error("allowed_upstreams", 'must list at least one { network = "...", ports = [...] }')
+    allowed = []
+    for index, entry in enumerate(entries):
+        e = _Table(entry, f"{t.key}.allowed_upstreams[{index}]", t.path, ("network", "ports"))
+        text = e.take("network", str)
+        try:
+            network = ipaddress.ip_network(text, strict=True)
+        except ValueError as error:  # e.g. "10.0.0.1/8 has host bits set", or a host name
+            raise e.error("network", f"{text!r}: {error}") from None
+        ports = e.take("ports", list)
+        if not ports:
+            raise e.error("ports", "must list at least one port, e.g. [110, 995]")
+        for number, port in enumerate(ports):
+            if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+                raise e.error(f"ports[{number}]", f"must be a port number from 1 to 65535, not {_toml_type(port)}")
+        allowed.append(AllowedUpstream(network, tuple(ports)))
+    return tuple(allowed)
 
 
 DEFAULT_HOOK_TIMEOUT: Final = 10.0

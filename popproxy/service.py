@@ -9,15 +9,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import FrameType
 
-from twisted.application.internet import TimerService
+from prometheus_client import CollectorRegistry
+from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from .config import ConfigError, ProxyConfig, config_digest, read_config
 from .hooks.registry import BuiltHook, build_hooks, start_hooks
 from .listeners import listener_service
+from .lookup import HTTPRouteLookup, listener_addresses
+from .metrics import NULL_METRICS, IMetrics, PrometheusMetrics
 from .protocol.client import SessionSettings
 from .protocol.connector import UpstreamConnector
 from .protocol.factory import ProxyFactory
@@ -25,6 +29,7 @@ from .protocol.guard import Guard, ISessionGuard, LocalGuard
 from .protocol.mailbox import MessageCache
 from .protocol.spool import clean_spool_dir
 from .tls import ServerTLS
+from .web import IHealth, metrics_service
 
 log = Logger()
 
@@ -42,8 +47,10 @@ class PreparedReload:
     config: ProxyConfig
     hooks: tuple[BuiltHook, ...]
     server_tls: dict[str, ServerTLS]
+    lookup: HTTPRouteLookup | None = None
 
 
+@implementer(IHealth)
 class ProxyService(MultiService):
     """Listeners for every ``[[listen]]`` table, each with its own factory and TLS context.
 
@@ -52,6 +59,9 @@ class ProxyService(MultiService):
         by default a ``Guard`` in this process.
     :param endpoints: where each listener (by key) accepts connections, when not its own endpoint
         string (a worker adopts the socket its parent bound).
+    :param metrics: where sessions report what they did, when not this service's own: by default,
+        with a ``[metrics]`` table, a ``PrometheusMetrics`` served on its endpoint by this service
+        (``/metrics``, ``/healthz``); without one, nothing. A worker passes its own (its parent serves them).
     """
 
     #: install a SIGHUP handler (twistd); tests that build services in-process turn it off
@@ -60,8 +70,20 @@ class ProxyService(MultiService):
 
     def __init__(self, config: ProxyConfig, reactor: IReactorTime, connector: UpstreamConnector | None = None,
                  *, handle_signals: bool = True, guard: ISessionGuard | None = None,
-                 endpoints: Mapping[str, IStreamServerEndpoint] | None = None) -> None:
+                 endpoints: Mapping[str, IStreamServerEndpoint] | None = None,
+                 metrics: IMetrics | None = None) -> None:
         super().__init__()
+        #: the ``[metrics]`` HTTP service, when this service serves its own figures; started and stopped
+        #: by hand, not as a child, so that ``/healthz`` says 503 until the last session has drained
+        self.web: StreamServerEndpointService | None = None
+        self._stopping = False
+        #: this service's own figures (None when ``metrics`` was given or there is no ``[metrics]``)
+        self.registry: CollectorRegistry | None = None
+        if metrics is None and config.metrics is not None:
+            self.registry = CollectorRegistry()
+            metrics = PrometheusMetrics(self.registry)
+            self.web = metrics_service(config.metrics.endpoint, self.registry, self, reactor)
+        self.metrics: IMetrics = metrics if metrics is not None else NULL_METRICS
         self.config = config
         self.reactor = reactor
         self.handle_signals = handle_signals
@@ -81,13 +103,14 @@ class ProxyService(MultiService):
         self.sessions_guard = guard
         # Processed messages for TOP-then-RETR: one bound for the whole proxy, not one per session.
         self.cache = MessageCache(config.limits.message_cache)
+        self.lookup = route_lookup(config, reactor)
         for listener in config.listeners:
             server_tls = ServerTLS.from_listener(listener, config.path) if listener.tls != "none" else None
             if server_tls is not None:
                 server_tls.built_at = reactor.seconds()
                 self.server_tls[listener.key] = server_tls
             factory = ProxyFactory(SessionSettings(listener, config, server_tls, connector, reactor, self.hooks, self.sessions_guard,
-                                                      self.cache))
+                                                      self.cache, lookup=self.lookup, metrics=self.metrics))
             self.factories.append(factory)
             endpoint = endpoints.get(listener.key) if endpoints is not None else None
             listener_service(reactor, listener, factory, server_tls, endpoint).setServiceParent(self)
@@ -122,7 +145,18 @@ class ProxyService(MultiService):
                     days=(not_after - now).days,
                 )
 
+    def serving(self) -> bool:
+        """``IHealth``: listeners accept from ``startService`` until ``stopService`` begins."""
+        return bool(self.running) and not self._stopping
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        if self.web is not None:
+            self.web.privilegedStartService()  # bound now, as the listeners are, before twistd drops privileges
+
     def startService(self) -> None:
+        if self.web is not None and not self.web.running:
+            self.web.startService()  # binds here when privilegedStartService was not called
         clean_spool_dir(self.config.limits.spool_dir)
         start_hooks(self.hooks, self.reactor)
         super().startService()
@@ -180,9 +214,12 @@ class ProxyService(MultiService):
                 for listener in config.listeners
                 if listener.tls != "none"
             }
+            if config.metrics != self.config.metrics:
+                _close_hooks(hooks)
+                raise ConfigError(config.path, "metrics.endpoint", _metrics_change(self.config, config))
         except ConfigError as error:
             return str(error)
-        return PreparedReload(config, hooks, server_tls)
+        return PreparedReload(config, hooks, server_tls, route_lookup(config, self.reactor))
 
     def abandon_reload(self, prepared: PreparedReload) -> None:
         """A prepared reload that will not be used (another worker refused it)."""
@@ -206,7 +243,8 @@ class ProxyService(MultiService):
                 kept.append(same)
         retired = tuple(old for old in self.hooks if all(old is not k for k in kept))
         start_hooks(tuple(built for built in hooks if all(built is not k for k in kept)), self.reactor)
-        self.config, self.hooks = config, hooks
+        # A new lookup (and an empty cache): the service, its templates or its limits may have changed.
+        self.config, self.hooks, self.lookup = config, hooks, prepared.lookup
         if self.guard is not None:
             self.guard.reconfigure(config.limits)
         self.cache.limit = config.limits.message_cache
@@ -221,7 +259,8 @@ class ProxyService(MultiService):
                 server_tls[key].built_at = self.reactor.seconds()
                 current_tls.reload(server_tls[key])  # new handshakes only
             factory.settings = dataclasses.replace(
-                factory.settings, listener=listener, config=config, hooks=hooks, guard=self.sessions_guard
+                factory.settings, listener=listener, config=config, hooks=hooks, guard=self.sessions_guard,
+                lookup=prepared.lookup,
             )
             live.extend(session.when_closed() for session in factory.sessions)
         # The old hooks serve the sessions that started with them: close them when those are over.
@@ -240,6 +279,7 @@ class ProxyService(MultiService):
         """Stop listening at once; let sessions finish for ``shutdown_grace`` seconds (in-flight
         commands complete, new ones other than QUIT get -ERR [SYS/TEMP]); then close the rest
         without QUIT upstream, so that nothing is deleted that a client did not ask to delete."""
+        self._stopping = True  # /healthz: 503 from now on
         if self.handle_signals and self._previous_hup is not None:
             signal.signal(signal.SIGHUP, self._previous_hup)
         stopped: Deferred[None] = super().stopService()
@@ -259,7 +299,26 @@ class ProxyService(MultiService):
         drained.addErrback(force)
         closed = drained.addCallback(lambda _: _close_hooks(self.hooks))  # drained itself, now a Deferred[None]
         closed.addCallback(lambda _: clean_spool_dir(self.config.limits.spool_dir))
-        return gatherResults([stopped, closed]).addCallback(lambda _: None)
+        done = gatherResults([stopped, closed]).addCallback(lambda _: None)
+        web = self.web
+        if web is not None and web.running:
+            done.addCallback(lambda _: web.stopService())  # the last thing to stop: 503 until here
+        return done
+
+
+def _metrics_change(running: ProxyConfig, new: ProxyConfig) -> str:
+    """Why a reload that changes ``[metrics]`` is refused (the port is bound once, before privileges drop)."""
+    before = running.metrics.endpoint if running.metrics is not None else "none"
+    after = new.metrics.endpoint if new.metrics is not None else "none"
+    return f"changed from {before!r} to {after!r}: [metrics] changes need a restart (nothing was changed)"
+
+
+def route_lookup(config: ProxyConfig, reactor: IReactorTime) -> HTTPRouteLookup | None:
+    """The ``[routing.lookup]`` service client for ``config``, if it has one."""
+    lookup = config.routing.lookup
+    if lookup is None:
+        return None
+    return HTTPRouteLookup(lookup, config.upstreams, reactor, own_listeners=listener_addresses(config))
 
 
 def _close_hooks(hooks: tuple[BuiltHook, ...]) -> None:

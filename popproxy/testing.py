@@ -21,6 +21,8 @@ from twisted.test import iosim
 
 from .config import Address, ProxyConfig, UpstreamConfig
 from .hooks.registry import BuiltHook, build_hooks, start_hooks
+from .lookup import IRouteLookup
+from .metrics import NULL_METRICS, IMetrics
 from .pop3.framing import CommandLines
 from .pop3.wire import CRLF, err, multiline, ok, parse_command, stuff_body
 from .protocol.client import ClientProtocol, SessionSettings
@@ -302,10 +304,12 @@ class MemoryProxy:
     """
 
     def __init__(self, config: ProxyConfig, listener_index: int = 0, server_tls: Any = None,
-                 hooks: tuple[BuiltHook, ...] | None = None, hook_reactor: Any = None) -> None:
+                 hooks: tuple[BuiltHook, ...] | None = None, hook_reactor: Any = None,
+                 lookup: IRouteLookup | None = None, metrics: IMetrics | None = None) -> None:
         """``hook_reactor``: what hooks that do I/O are started with (``IStartable``); by default the
         in-memory clock, which runs their timers and threads nowhere: pass the real reactor for a
-        hook that talks to a real scanner."""
+        hook that talks to a real scanner. ``lookup`` answers for ``[routing.lookup]`` (an
+        in-memory stand-in for the HTTP service); ``metrics`` receives what sessions report."""
         self.clock = MemoryReactorClock()
         self.config = config
         self.upstreams: dict[str, FakePOP3Factory] = {}
@@ -323,7 +327,8 @@ class MemoryProxy:
         self.cache = MessageCache(config.limits.message_cache)
         self.factory = ProxyFactory(
             SessionSettings(config.listeners[listener_index], config, server_tls, self.connector, self.clock,
-                            self.hooks, LocalGuard(self.guard), self.cache)
+                            self.hooks, LocalGuard(self.guard), self.cache, lookup=lookup,
+                            metrics=metrics if metrics is not None else NULL_METRICS)
         )
         self.refuse: set[Address] = set()
 

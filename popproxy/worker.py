@@ -11,6 +11,10 @@ files, so it reads them as a reload does (they must be readable by the user popp
 events go to standard output as JSON lines, which the parent publishes as its own with ``worker``
 added.
 
+With ``[metrics]`` the parent sets ``PROMETHEUS_MULTIPROC_DIR`` in the worker's environment, so that
+prometheus_client, imported here, keeps every metric's value in a file there for the parent to add
+up; the metric objects are made after the privilege drop, so their files belong to that user.
+
 SIGTERM (and SIGINT) stop the worker as they stop a single-process proxy: listening ends, sessions
 get ``shutdown_grace`` seconds. SIGHUP is ignored: reloads come from the parent, over AMP, so that
 all workers change together or none does. A worker whose parent is gone stops too.
@@ -19,6 +23,7 @@ all workers change together or none does. A worker whose parent is gone stops to
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import socket
 import sys
@@ -124,6 +129,7 @@ def main(argv: list[str]) -> int:
 
     # Everything a worker runs is imported before the privilege drop (the built-in hooks too).
     from .hooks import archive, audit, rewrite, rspamd, spamassassin  # noqa: F401
+    from .metrics import NULL_METRICS, IMetrics, PrometheusMetrics
     from .service import ProxyService
     from .tap import validated_config
 
@@ -143,7 +149,14 @@ def main(argv: list[str]) -> int:
         key: AdoptedEndpoint(reactor, fd, family)  # type: ignore[arg-type]
         for key, (fd, family) in parse_listeners(specs).items()
     }
-    service = ProxyService(config, reactor, handle_signals=False, guard=ipc.RemoteGuard(parent), endpoints=endpoints)
+    # The parent serves the figures of all workers; this one's go to the multiprocess directory.
+    metrics: IMetrics = NULL_METRICS
+    if config.metrics is not None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import CollectorRegistry
+
+        metrics = PrometheusMetrics(CollectorRegistry())
+    service = ProxyService(config, reactor, handle_signals=False, guard=ipc.RemoteGuard(parent), endpoints=endpoints,
+                           metrics=metrics)
     parent.service = service
     core: IReactorCore = reactor
     threads: IReactorFromThreads = reactor  # type: ignore[assignment]

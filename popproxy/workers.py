@@ -24,7 +24,16 @@ One Python process runs on one core. With N workers the parent (the ``twistd`` p
   A worker started later is given the configuration the others run (on its standard input), never
   a file a reload refused;
 - on SIGTERM, passes SIGTERM to every worker (they stop listening and give sessions
-  ``shutdown_grace`` seconds, as one process does) and exits when they have.
+  ``shutdown_grace`` seconds, as one process does) and exits when they have;
+- with ``[metrics]``, serves ``/metrics`` and ``/healthz`` (``popproxy.web``) for all the workers, by
+  prometheus_client's multiprocess mode (https://prometheus.github.io/client_python/multiprocess/):
+  it makes a private directory (mode 0700, owned by the user the workers drop to, under
+  ``$RUNTIME_DIRECTORY`` when set) and starts every worker with ``PROMETHEUS_MULTIPROC_DIR`` naming
+  it, so that their metrics live in files there; it reads them with a ``MultiProcessCollector``,
+  tells prometheus_client when a worker dies (``mark_process_dead``: its open sessions stop
+  counting, its totals stay), and removes the directory when it stops. The parent creates no
+  metric objects itself (they would be values of its own process): its two figures, workers ready
+  and workers restarted, come from a collector that reads its state when scraped.
 
 Key files are read by each worker after the privilege drop, as a reload reads them: they must be
 readable by the user popproxy runs as. TLS session tickets are per worker (pyOpenSSL offers no way to
@@ -34,13 +43,21 @@ share a ticket key), so a client that resumes on another worker gets a full hand
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.registry import Collector
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
@@ -51,11 +68,13 @@ from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.protocols import amp
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from . import ipc
 from .config import ConfigError, ProxyConfig, config_digest, read_config
 from .hooks.audit import FileWriter
 from .protocol.guard import Guard
+from .web import IHealth, metrics_service
 
 log = Logger()
 
@@ -243,6 +262,32 @@ class Worker(ProcessProtocol):
         self.pool.worker_ended(self, reason)
 
 
+class _PoolCollector(Collector):
+    """The parent's own figures, read from the pool when ``/metrics`` is scraped."""
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self._pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        ready = sum(1 for worker in self._pool.workers.values() if worker.is_ready)
+        yield GaugeMetricFamily("popproxy_workers_ready", "Worker processes serving now.", value=ready)
+        yield CounterMetricFamily("popproxy_worker_restarts", "Worker processes that ended and were started again.",
+                                  value=self._pool.restarts)
+
+
+def metrics_directory(uid: int | None, gid: int | None) -> str:
+    """A new private directory for prometheus_client's multiprocess files: under ``$RUNTIME_DIRECTORY``
+    (systemd's ``RuntimeDirectory=``; the first one if it names several) or the system's temporary
+    directory, mode 0700 (``tempfile.mkdtemp``), owned by ``uid``/``gid`` when this process may give
+    it away (it is root and the workers will not be)."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or None
+    path = tempfile.mkdtemp(prefix="popproxy-metrics-", dir=runtime)
+    if os.geteuid() == 0 and (uid is not None or gid is not None):
+        os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
+    return path
+
+
+@implementer(IHealth)
 class WorkerPool(MultiService):
     """The parent of ``config.process.workers`` worker processes. See the module docstring."""
 
@@ -256,6 +301,7 @@ class WorkerPool(MultiService):
         self._data = read_config(config.path)
         self.reactor = reactor
         self._ids = ("-" if uid is None else str(uid), "-" if gid is None else str(gid), "euid" if euid else "uid")
+        self._uid, self._gid = uid, gid
         self.guard = Guard(config.limits, reactor)
         self.ports: dict[str, IListeningPort] = {}
         self.workers: dict[int, Worker] = {}
@@ -265,6 +311,11 @@ class WorkerPool(MultiService):
         self._stopping = False
         self._ever_ready = False
         self._previous_hup: Any = None
+        #: ``[metrics]``: the workers' multiprocess directory and the HTTP service (privilegedStartService)
+        self.metrics_dir: str | None = None
+        self.web: StreamServerEndpointService | None = None
+        #: workers started again after they ended (popproxy_worker_restarts_total)
+        self.restarts = 0
 
     # -- start ---------------------------------------------------------------------------------------
 
@@ -281,6 +332,8 @@ class WorkerPool(MultiService):
             port: IListeningPort = bound[0]
             port.stopReading()  # type: ignore[attr-defined]  # the workers accept; the parent never does
             self.ports[listener.key] = port
+        if self.config.metrics is not None:
+            self._start_metrics(self.config.metrics.endpoint)
         log.info("popproxy parent serving {count} listener(s) from {config} with {workers} workers",
                  count=len(self.config.listeners), config=str(self.config.path), workers=self.config.process.workers,
                  event="workers_starting")
@@ -289,7 +342,34 @@ class WorkerPool(MultiService):
         for index in range(1, self.config.process.workers + 1):
             self._start_worker(index)
 
+    def _start_metrics(self, endpoint: str) -> None:
+        """Make the workers' metrics directory and bind ``/metrics``, before the first worker starts."""
+        self.metrics_dir = metrics_directory(self._uid, self._gid)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self.metrics_dir)
+        registry.register(_PoolCollector(self))
+        self.web = metrics_service(endpoint, registry, self, self.reactor)
+        try:
+            self.web.privilegedStartService()
+        except Exception:
+            self._remove_metrics_dir()
+            raise
+
+    def _remove_metrics_dir(self) -> None:
+        """Remove the workers' metrics files and their directory. This runs after the privilege drop:
+        the directory itself goes only where that user may remove it (the system's temporary folder,
+        or a ``RuntimeDirectory=`` of that user's; systemd removes its runtime directory anyway)."""
+        if self.metrics_dir is not None:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            self.metrics_dir = None
+
+    def serving(self) -> bool:
+        """``IHealth``: a worker is ready to accept clients, and the pool is not stopping."""
+        return not self._stopping and any(worker.is_ready for worker in self.workers.values())
+
     def startService(self) -> None:
+        if self.web is not None and not self.web.running:
+            self.web.startService()
         super().startService()
         # As in ProxyService: hop onto the reactor before doing anything (the ``signal`` docs).
         self._previous_hup = signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
@@ -309,8 +389,11 @@ class WorkerPool(MultiService):
                 specs.append(f"{key}={number}:{_family(port)}")
             worker.started = self.reactor.seconds()
             arguments = [sys.executable, "-m", "popproxy.worker", str(self.config.path), str(index), *self._ids, *specs]
-            process = self.reactor.spawnProcess(worker, sys.executable, arguments, env=dict(os.environ),
-                                                childFDs=child_fds)
+            env = dict(os.environ)
+            if self.metrics_dir is not None:
+                # Read when the worker first imports prometheus_client, which then keeps its values in files there.
+                env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
+            process = self.reactor.spawnProcess(worker, sys.executable, arguments, env=env, childFDs=child_fds)
             worker.pid = process.pid
         except OSError as error:
             log.critical("cannot start worker {worker}: {error} (the Python interpreter and popproxy must be "
@@ -336,6 +419,8 @@ class WorkerPool(MultiService):
     def worker_ended(self, worker: Worker, reason: Failure) -> None:
         if self.workers.get(worker.index) is worker:
             del self.workers[worker.index]
+        if self.metrics_dir is not None and worker.pid is not None:
+            mark_process_dead(worker.pid, self.metrics_dir)  # its sessions are no longer open
         if self._stopping:
             return
         status = reason.value
@@ -357,6 +442,7 @@ class WorkerPool(MultiService):
             self._pauses[worker.index] = pause
         log.warn("worker {worker} (pid {pid}) ended ({how}) after {lived:.1f}s; starting it again in {pause}s",
                  worker=worker.index, pid=worker.pid, how=how, lived=lived, pause=pause, event="worker_died")
+        self.restarts += 1
         self.reactor.callLater(pause, self._restart, worker.index)
 
     def _restart(self, index: int) -> None:
@@ -422,6 +508,11 @@ class WorkerPool(MultiService):
         digest = config_digest(data)
         if config.process.workers != self.config.process.workers:
             log.warn("reload: [process] workers changes take effect only after a restart")
+        if config.metrics != self.config.metrics:
+            before = self.config.metrics.endpoint if self.config.metrics is not None else "none"
+            after = config.metrics.endpoint if config.metrics is not None else "none"
+            return succeed(self._refused(f"{path}: metrics.endpoint: changed from {before!r} to {after!r}: "
+                                         "[metrics] changes need a restart (nothing was changed)"))
         workers = [worker for worker in self.workers.values() if worker.amp is not None]
         asked = [worker.amp.callRemote(ipc.PrepareReload, digest=digest) for worker in workers if worker.amp]
         answers: Deferred[list[tuple[bool, Any]]] = DeferredList(asked, consumeErrors=True)
@@ -474,7 +565,10 @@ class WorkerPool(MultiService):
             for writer in self._audit_files.values():
                 writer.close()
             self._audit_files.clear()
-            return gatherResults([d for d in stopped if d is not None]).addCallback(lambda _: None)
+            if self.web is not None and self.web.running:
+                stopped.append(self.web.stopService())  # /healthz said 503 until the workers were gone
+            done = gatherResults([d for d in stopped if d is not None])
+            return done.addCallback(lambda _: self._remove_metrics_dir())
 
         return ended.addCallback(finish)
 

@@ -371,7 +371,7 @@ def test_address_list_fails_over_to_the_second_address(matrix: Matrix) -> None:
     assert ended["upstream_peer_cert_sha256"]  # the second address, over verified STLS
     # The first address was tried, in this very session, and refused.
     unreachable = [e for e in proxy.events() if e.get("session_id") == ended["session_id"]
-                   and "unreachable" in str(e.get("log_format"))]
+                   and "unreachable" in str(e.get("message"))]
     assert [e["address"] for e in unreachable] == [f"localhost:{matrix.closed_port}"]
 
 

@@ -966,6 +966,31 @@ CASES = [
         "limits.max_listings",
         "did you mean 'max_listing'",
     ),
+    # plaintext_from: named legacy devices on a listener that requires TLS, nothing wider
+    (
+        "plaintext-from-a-whole-site",
+        config_text(listen={"plaintext_from": '["192.0.2.0/23"]'}),
+        "listen[0].plaintext_from[0]",
+        "192.0.2.0/23 is wider than a /24",
+    ),
+    (
+        "plaintext-from-ipv6-too-wide",
+        config_text(listen={"plaintext_from": '["192.0.2.7/32", "2001:db8::/48"]'}),
+        "listen[0].plaintext_from[1]",
+        "2001:db8::/48 is wider than a /56",
+    ),
+    (
+        "plaintext-from-without-require-tls",
+        config_text(listen={"require_tls": "false", "plaintext_from": '["192.0.2.7/32"]'}),
+        "listen[0].plaintext_from",
+        "require_tls = true",
+    ),
+    (
+        "plaintext-from-host-bits",
+        config_text(listen={"plaintext_from": '["192.0.2.7/24"]'}),
+        "listen[0].plaintext_from[0]",
+        "has host bits set",
+    ),
     # syntax
     ("toml-syntax", config_text(extra="[limits\n"), "-", "TOML syntax error"),
     (

@@ -898,7 +898,7 @@ def test_stls_injection_gets_no_answer_inside_tls(main: Proxy) -> None:
         assert raw.command(b"NOOP") == b"+OK\r\n"
         # The USER in the injected plaintext was dropped with the rest.
         assert raw.command(b"PASS dave-pw") == b"-ERR Send USER first.\r\n"
-    warnings = [e for e in main.events() if "pipelined after STLS" in str(e.get("log_format", ""))]
+    warnings = [e for e in main.events() if "pipelined after STLS" in str(e.get("message", ""))]
     assert len(warnings) >= 2
 
 

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from popproxy.pki import CertificateAuthority, write_private
+from popproxy.proxyheader import build_v2, build_v2_local
 
 from support.dovecot import DovecotServer
 from support.pop3client import RawPOP3, tls_context
@@ -90,4 +91,57 @@ def test_proxy_protocol_unix_and_peer_filter(tmp_path: Path, dovecot: DovecotSer
     assert "203.0.113.1" not in peers
     ended = [e for e in events if e.get("event") == "session_close" and e.get("client_host") == "198.51.100.7"]
     assert ended and ended[0]["client_tls_version"] in ("TLSv1.2", "TLSv1.3")
-    assert any("not in proxy_from" in str(e.get("log_format", "")) for e in events)
+    assert any("not in proxy_from" in str(e.get("message", "")) for e in events)
+
+
+def test_proxy_protocol_v2_and_health_checks(tmp_path: Path, dovecot: DovecotServer) -> None:
+    """Our own header reader under twistd: a v2 header with TLVs, sent in two pieces, names an IPv6
+    client; a v2 LOCAL health check (HAProxy's check-send-proxy) is greeted; a v1 header with a port out of range closes the connection."""
+    port = free_port()
+    config = tmp_path / "popproxy.toml"
+    config.write_text(
+        f'[[listen]]\nendpoint = "haproxy:tcp:{port}:interface=127.0.0.1"\ntls = "none"\n'
+        f'[upstream.dovecot]\naddress = "127.0.0.1:{dovecot.plain_port}"\ntls = "none"\n'
+        '[routing]\ndefault = "dovecot"\n'
+    )
+    proxy = ProxyProcess(config, [port], tmp_path, json=True)
+    dave = dovecot.users["dave"]
+    try:
+        header = build_v2(("2001:db8::7", 40001), ("2001:db8::1", 110), [(0x04, b"padding"), (0xE0, b"x" * 300)])
+        raw = RawPOP3(port)
+        raw.send(header[:20])
+        time.sleep(0.2)  # the rest of the header (and a command) in a later segment
+        raw.send(header[20:] + b"USER dave\r\n")
+        assert raw.answer().startswith(b"+OK")
+        assert raw.answer() == b"+OK\r\n"
+        assert raw.command(b"PASS " + dave.password.encode()) == b"+OK Logged in.\r\n"
+        raw.command(b"QUIT")
+
+        check = RawPOP3(port)
+        check.send(build_v2_local())
+        assert check.answer().startswith(b"+OK")
+        # A health check is no session: it cannot log in, and leaves no session record (below).
+        assert check.command(b"USER dave") == b"-ERR [SYS/PERM] Health checks cannot log in.\r\n"
+        check.close()
+        silent = RawPOP3(port)  # a TCP check: the header, the greeting, and gone
+        silent.send(build_v2_local())
+        assert silent.answer().startswith(b"+OK")
+        silent.close()
+
+        bad = socket.create_connection(("127.0.0.1", port), timeout=10)
+        bad.sendall(b"PROXY TCP4 192.0.2.1 127.0.0.1 99999 110\r\nUSER dave\r\n")
+        received = b""
+        while chunk := bad.recv(100):
+            received += chunk
+        bad.close()
+        assert b"+OK\r\n" not in received.partition(b"\r\n")[2]  # at most the greeting; USER never answered
+        time.sleep(0.3)
+    finally:
+        proxy.stop()
+    events = proxy.events()
+    opened = [e.get("client_host") for e in events if e.get("event") == "session_open"]
+    closed = [e.get("client_host") for e in events if e.get("event") == "session_close"]
+    # The IPv6 client's session, and from the load balancer's address the readiness probe's connection
+    # (no header) and the bad header's: nothing from the two health checks.
+    assert sorted(opened) == sorted(closed) == ["127.0.0.1", "127.0.0.1", "2001:db8::7"], (opened, closed)
+    assert any(e.get("error") == "v1 header port 99999 is out of range" for e in events)

@@ -5,7 +5,18 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from popproxy.protocol.login import BeginTLS, Failed, LoginEffect, SendLine, Succeeded, UpstreamLogin, Warn
+from popproxy.protocol.login import (
+    XCLIENT_TTL,
+    BeginTLS,
+    Failed,
+    LoginEffect,
+    Misconfigured,
+    SendLine,
+    Succeeded,
+    UpstreamLogin,
+    Warn,
+    xclient_command,
+)
 
 GREETING = b"+OK ready\r\n"
 CAPA = b"+OK\r\nUSER\r\nSTLS\r\n.\r\n"  # no PIPELINING: one request at a time
@@ -14,10 +25,10 @@ CAPA_TLS = b"+OK\r\nUSER\r\nAUTH-RESP-CODE\r\n.\r\n"
 
 
 class Recorder:
-    def __init__(self, starttls: bool = False, listing_limit: int | None = None) -> None:
+    def __init__(self, starttls: bool = False, listing_limit: int | None = None, xclient: bytes | None = None) -> None:
         self.effects: list[LoginEffect] = []
         self.login = UpstreamLogin(b"alice", b"s3cret", self.effects.append, starttls=starttls,
-                                   listing_limit=listing_limit)
+                                   listing_limit=listing_limit, xclient=xclient)
 
     def take(self) -> list[LoginEffect]:
         effects = list(self.effects)
@@ -166,3 +177,105 @@ def test_any_chunking_of_a_conversation_gives_the_same_result(cuts: list[int]) -
     effects = r.take()
     assert sent(effects) == [b"CAPA\r\n", b"USER alice\r\n", b"PASS s3cret\r\n", b"LIST\r\n", b"UIDL\r\n"]
     assert effects[-1] == Succeeded([b"USER", b"STLS"], ({1: 5}, {1: "x"}))
+
+
+# -- forward_client = "xclient" ------------------------------------------------------------------------
+
+XCLIENT = b"XCLIENT ADDR=192.0.2.7 PORT=40000 SESSION=abc123 TTL=4"
+TRUSTED_GREETING = b"+OK [XCLIENT] Dovecot ready.\r\n"  # Dovecot 2.3 to a login_trusted_networks peer
+
+
+def test_xclient_command_parameters_as_dovecot_reads_them() -> None:
+    assert xclient_command("192.0.2.7", 40000, "abc123") == XCLIENT
+    assert XCLIENT_TTL == 4
+    # An IPv4 client on a dual-stack listener is named as IPv4, as it would be seen directly.
+    assert xclient_command("::ffff:192.0.2.7", 1, "s") == b"XCLIENT ADDR=192.0.2.7 PORT=1 SESSION=s TTL=4"
+    assert xclient_command("2001:db8::1", 995, "s") == b"XCLIENT ADDR=2001:db8::1 PORT=995 SESSION=s TTL=4"
+    # Unknown address (a UNIX socket): no made-up ADDR, and no PORT without it.
+    assert xclient_command("", 0, "s") == b"XCLIENT SESSION=s TTL=4"
+    assert xclient_command("not an address", 5, "s") == b"XCLIENT SESSION=s TTL=4"
+    # Dovecot splits at spaces without escaping and ignores a SESSION over 64 octets: left out.
+    for session in ("a b", "x\r\nUSER evil", "s" * 65, "", "\u00e9"):
+        assert xclient_command("192.0.2.7", 1, session) == b"XCLIENT ADDR=192.0.2.7 PORT=1 TTL=4"
+    assert xclient_command("192.0.2.7", 0, "s", ttl=2) == b"XCLIENT ADDR=192.0.2.7 SESSION=s TTL=2"
+
+
+def test_xclient_from_the_greeting_goes_alone_after_capa_and_before_user() -> None:
+    r = Recorder(xclient=XCLIENT)
+    r.login.data(TRUSTED_GREETING)
+    assert r.take() == [SendLine(b"CAPA\r\n")]
+    r.login.data(CAPA_PIPELINING)
+    # Alone: USER (and the pipelined PASS) only once its answer is known.
+    assert r.take() == [SendLine(XCLIENT + b"\r\n")]
+    r.login.data(b"+OK Updated\r\n")
+    assert r.take() == [SendLine(b"USER alice\r\nPASS s3cret\r\n")]
+    r.login.data(b"+OK\r\n+OK Logged in.\r\n")
+    assert r.take() == [Succeeded([b"USER", b"PIPELINING"], None)]
+
+
+def test_xclient_offered_in_capa_is_accepted_too() -> None:
+    r = Recorder(xclient=XCLIENT)
+    r.login.data(GREETING)
+    r.login.data(b"+OK\r\nUSER\r\nXCLIENT\r\n.\r\n")
+    assert sent(r.take()) == [b"CAPA\r\n", XCLIENT + b"\r\n"]
+
+
+def test_xclient_after_stls_the_handshake_and_capa_and_never_before_tls() -> None:
+    r = Recorder(starttls=True, xclient=XCLIENT)
+    r.login.data(TRUSTED_GREETING)
+    assert sent(r.take()) == [b"STLS\r\n"]
+    r.login.data(b"+OK Begin TLS negotiation now.\r\n")
+    assert r.take() == [BeginTLS()]
+    r.login.tls_ready()
+    assert r.take() == [SendLine(b"CAPA\r\n")]
+    r.login.data(CAPA_TLS)
+    assert r.take() == [SendLine(XCLIENT + b"\r\n")]
+    r.login.data(b"+OK Updated\r\n")
+    assert r.take() == [SendLine(b"USER alice\r\n")]
+
+
+def test_upstream_without_xclient_fails_unavailable_with_an_error_and_no_credential() -> None:
+    r = Recorder(xclient=XCLIENT)
+    r.login.data(GREETING)  # an untrusted proxy gets Dovecot's greeting without [XCLIENT]
+    r.login.data(CAPA)
+    effects = r.take()
+    assert sent(effects) == [b"CAPA\r\n"]  # no XCLIENT, no USER: never a silent fallback
+    problem = [e for e in effects if isinstance(e, Misconfigured)]
+    assert len(problem) == 1 and "login_trusted_networks" in problem[0].text
+    assert effects[-1] == Failed(False, None, 'upstream does not offer XCLIENT (forward_client = "xclient")')
+
+
+def test_xclient_ignored_as_untrusted_or_refused_fails_before_user() -> None:
+    for answer, reason in (
+        # Dovecot 2.3's exact answer (cmd_xclient, src/pop3-login/client.c) to an untrusted peer
+        (b"+OK You are not from trusted IP - ignoring\r\n", "upstream ignored XCLIENT, it does not trust the proxy"),
+        (b"-ERR Invalid parameters\r\n", 'upstream refused XCLIENT (forward_client = "xclient")'),
+    ):
+        r = Recorder(xclient=XCLIENT)
+        r.login.data(TRUSTED_GREETING)
+        r.login.data(CAPA)
+        r.take()
+        r.login.data(answer)
+        effects = r.take()
+        assert sent(effects) == []
+        problem = [e for e in effects if isinstance(e, Misconfigured)]
+        assert len(problem) == 1 and problem[0].fields == {"answer": answer.decode().strip()}
+        assert effects[-1] == Failed(False, None, reason)
+
+
+def test_an_answer_to_user_arriving_with_the_xclient_answer_is_unsolicited() -> None:
+    """XCLIENT goes alone: anything after its answer was sent before USER was even asked."""
+    r = Recorder(xclient=XCLIENT)
+    r.login.data(TRUSTED_GREETING)
+    r.login.data(CAPA)
+    r.take()
+    r.login.data(b"+OK Updated\r\n+OK\r\n")
+    effects = r.take()
+    assert sent(effects) == [] and effects[-1] == Failed(False, None, "unsolicited line during login")
+
+
+def test_without_xclient_configured_a_trusted_greeting_changes_nothing() -> None:
+    r = Recorder()
+    r.login.data(TRUSTED_GREETING)
+    r.login.data(CAPA)
+    assert sent(r.take()) == [b"CAPA\r\n", b"USER alice\r\n"]

@@ -90,7 +90,7 @@ def log_in(port: int, user: str = "dave", password: str = "dave-pw") -> poplib.P
 
 def workers_of(proxy: ProxyProcess, text: str) -> list[object]:
     """The workers that logged an event whose message contains ``text``, one entry per event."""
-    return [e.get("worker") for e in proxy.events() if text in str(e.get("log_format", ""))]
+    return [e.get("worker") for e in proxy.events() if text in str(e.get("message", ""))]
 
 
 def until_both(proxy: ProxyProcess, text: str, attempt: object, limit: int = 60) -> list[object]:
@@ -157,7 +157,7 @@ def test_sigterm_reaches_the_workers_and_the_parent_exits(tmp_path: Path, doveco
                 os.kill(pid, 0)
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
-        drained = [e.get("worker") for e in process.events() if "session(s) get" in str(e.get("log_format"))]
+        drained = [e.get("worker") for e in process.events() if "session(s) get" in str(e.get("message"))]
         assert len(drained) == 1, drained  # the worker with the session gave it its grace time
     finally:
         process.stop()
@@ -183,7 +183,7 @@ def test_session_caps_count_across_workers(tmp_path: Path, dovecot: DovecotServe
                 assert sock.makefile("rb").readline() == b"-ERR [SYS/TEMP] Too many sessions, try again later.\r\n"
             time.sleep(0.05)
 
-        refused_by = until_both(process, "refused: {refusal}", third)
+        refused_by = until_both(process, " refused: too many sessions", third)
         assert all(e.get("refusal") == refusal for e in process.events() if e.get("refusal"))
         assert len(refused_by) >= 2
     finally:
@@ -286,9 +286,9 @@ def test_a_reload_one_worker_cannot_use_changes_nothing(tmp_path: Path, dovecot:
             with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\]"):
                 log_in(port)
 
-        until_both(process, "login for {user} at {upstream} failed", down_now)
+        until_both(process, " at down failed", down_now)
         assert not [e for e in process.events() if e.get("event") == "auth" and e.get("result") == "ok"
-                    and e["log_time"] > failed[0]["log_time"] and e.get("upstream") == "down"]
+                    and e["time"] > failed[0]["time"] and e.get("upstream") == "down"]
     finally:
         process.stop()
 
@@ -371,7 +371,7 @@ def test_proxy_protocol_addresses_are_counted_by_the_parent(tmp_path: Path, dove
                 assert b"-ERR [SYS/TEMP] Too many sessions" in answer, answer
             time.sleep(0.05)
 
-        until_both(process, "refused: {refusal}", same_address)
+        until_both(process, " refused: too many sessions", same_address)
         other, answer = connect("192.0.2.8", b"USER dave\r\n")
         held.append(other)
         assert answer == b"+OK POP3 proxy ready.\r\n+OK\r\n"

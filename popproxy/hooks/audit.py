@@ -377,7 +377,10 @@ class AuditLog:
         self._record("tls", session, leg="client", **_tls(session.client_tls, ""))
 
     def authenticated(self, session: SessionFacts, result: str, code: str | None) -> None:
-        self._record("auth", session, upstream=session.upstream, result=result, code=code)
+        fields: dict[str, Any] = {"upstream": session.upstream, "result": result, "code": code}
+        if session.plaintext_exempt and not session.client_tls:
+            fields["plaintext_from"] = True  # logged in without TLS, as a listed legacy device
+        self._record("auth", session, **fields)
 
     def mailbox_listed(self, session: SessionFacts, uidls: Mapping[int, str]) -> None:
         """The mailbox's UIDLs, read at login (the hook is ``IWantsListing``): so that a DELE of a

@@ -36,6 +36,8 @@ class SessionFacts:
     upstream: str | None = None
     client_tls: Mapping[str, str] = field(default_factory=dict)
     upstream_tls: Mapping[str, str] = field(default_factory=dict)
+    #: the client may log in without TLS only because its listener's ``plaintext_from`` names it
+    plaintext_exempt: bool = False
 
 
 @dataclass(frozen=True, slots=True)

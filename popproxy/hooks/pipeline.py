@@ -19,8 +19,9 @@ from twisted.internet.defer import CancelledError, TimeoutError, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from ..metrics import NULL_METRICS, IMetrics
 from ..protocol.spool import Spool
-from .interfaces import IChunkedHook, IStaged, MessageContext, MessageRefused
+from .interfaces import IChunkedHook, IStaged, MessageContext, MessageRefused, Verdict
 from .registry import BuiltHook
 from .sizing import (  # noqa: F401  (re-exported: the pipeline's public names)
     CRLF,
@@ -50,9 +51,35 @@ def _check(result: object, before: int, allowed: int, name: str) -> bytes:
     return result
 
 
+def verdict_label(verdict: Verdict | None) -> str | None:
+    """What a hook concluded, as ``IMetrics.hook_ran`` reports it: ``spam``/``ham`` (a spam filter),
+    ``virus``/``clean`` (a virus scanner), ``recorded`` (any other verdict), None (no verdict)."""
+    if verdict is None:
+        return None
+    if verdict.spam is not None:
+        return "spam" if verdict.spam else "ham"
+    if "virus" in verdict.details:
+        return "virus" if verdict.details["virus"] else "clean"
+    return "recorded"
+
+
+class _Run:
+    """One hook's run over one message, as reported to ``IMetrics.hook_ran``."""
+
+    def __init__(self, metrics: IMetrics, clock: IReactorTime, context: MessageContext, name: str) -> None:
+        self._metrics, self._clock, self._context, self._name = metrics, clock, context, name
+        self._started = clock.seconds()
+        self._before = context.verdicts.get(name)  # a verdict of an earlier run is not this one's
+
+    def report(self, failed: bool, refused: bool = False) -> None:
+        verdict = self._context.verdicts.get(self._name)
+        label = "refused" if refused else verdict_label(verdict if verdict is not self._before else None)
+        self._metrics.hook_ran(self._name, label, self._clock.seconds() - self._started, failed)
+
+
 async def run_message_hooks(
     hooks: Sequence[BuiltHook], message: bytes | Spool, context: MessageContext, clock: IReactorTime,
-    size: int | None = None
+    size: int | None = None, metrics: IMetrics = NULL_METRICS
 ) -> PipelineResult:
     """Run ``hooks`` in order over ``message``; each sees what the one before returned.
 
@@ -61,6 +88,9 @@ async def run_message_hooks(
     a hook that takes bytes gets it whole, and from then on the message is bytes.
 
     Never raises: every failure becomes a note and is handled by the failing hook's policy.
+
+    Each hook that runs is reported to ``metrics`` (``hook_ran``): its verdict, its time by ``clock``,
+    and whether it failed. A hook skipped for ``max_size`` did not run and is not reported.
     """
     notes: list[str] = []
     padded = size is None
@@ -79,6 +109,7 @@ async def run_message_hooks(
         if context.facts.upstream_size > config.max_size:
             notes.append(f"{config.name}: not scanned, {context.facts.upstream_size} octets > max_size {config.max_size}")
             continue
+        run = _Run(metrics, clock, context, config.name)
         try:
             if isinstance(message, Spool) and IChunkedHook.providedBy(built.hook):
                 pending = maybeDeferred(built.hook.process_chunks, message.chunks(), message.size, context)
@@ -92,6 +123,7 @@ async def run_message_hooks(
                 pending.addTimeout(config.timeout, clock)
                 result = _check(await pending, len(data), built.hook.reservation, config.name)
         except MessageRefused as refusal:  # the hook's decision, not its failure: on_error does not apply
+            run.report(failed=False, refused=True)
             log.info(
                 "hook {hook} refused message {number} of {user}: {reason}",
                 hook=config.name,
@@ -109,8 +141,10 @@ async def run_message_hooks(
         except Exception as error:
             failure = f"{type(error).__name__}: {error}"[:300]
         else:
+            run.report(failed=False)
             message = result
             continue
+        run.report(failed=True)
         log.warn(
             "hook {hook} failed on message {number} of {user}: {reason}; {policy}",
             hook=config.name,

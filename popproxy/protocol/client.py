@@ -27,9 +27,12 @@ from ..hooks.events import SessionEvents
 from ..hooks.interfaces import MessageContext, MessageFacts, SessionFacts
 from ..hooks.pipeline import run_message_hooks
 from ..hooks.registry import BuiltHook
+from ..lookup import Denied, IRouteLookup, LookupAnswer, LookupFailed, LookupQuery, Routed
+from ..metrics import IMetrics, NullMetrics
 from ..pop3.wire import err
+from ..proxyheader import HealthCheckAddress
 from ..tls import ServerTLS, tls_facts
-from .connector import LoggedIn, UpstreamConnector
+from .connector import ClientOrigin, LoggedIn, UpstreamConnector
 from .effects import (
     AbortClient,
     AbortUpstream,
@@ -42,11 +45,13 @@ from .effects import (
     Effect,
     Log,
     Login,
+    LookUp,
     Notify,
     PauseReading,
     RecordFailure,
     ReleaseUser,
     ResumeReading,
+    Retrieved,
     RunHooks,
     Send,
     SetTimer,
@@ -90,6 +95,9 @@ class SessionSettings:
     guard: ISessionGuard | None = None
     #: processed messages for TOP-then-RETR, shared by every session of the proxy
     cache: MessageCache | None = None
+    #: the routing lookup service (``[routing] lookup``), if configured
+    lookup: IRouteLookup | None = None
+    metrics: IMetrics = field(default_factory=NullMetrics)
     plan: HookPlan = field(init=False)
 
     def __post_init__(self) -> None:
@@ -170,6 +178,9 @@ class ClientProtocol(Protocol):
         self._facts: tuple[tuple[object, ...], SessionFacts] | None = None  # the last session_facts()
         self._address_known = not settings.listener.haproxy
         self._lb_peer: IAddress | None = None
+        #: a load balancer's health check (a PROXY header with the LOCAL command): no session is
+        #: logged, audited or counted per address for it
+        self._health_check = False
         self._closed = False
 
     @property
@@ -196,7 +207,7 @@ class ClientProtocol(Protocol):
         upstream = upstream or machine.upstream_name or (attempt[1] if attempt else None)
         upstream_tls = self._upstream.tls_facts if self._upstream is not None else None
         # The TLS facts are replaced, never changed in place: the same objects mean the same facts.
-        made_of = (user, upstream, self._address_known, self._client_tls, upstream_tls)
+        made_of = (user, upstream, self._address_known, self._client_tls, upstream_tls, machine.plaintext_exempt)
         if self._facts is not None and _same(self._facts[0], made_of):
             return self._facts[1]
         fields = self._fields()
@@ -209,13 +220,15 @@ class ClientProtocol(Protocol):
             upstream=upstream,
             client_tls=dict(self._client_tls),
             upstream_tls=dict(upstream_tls) if upstream_tls is not None else {},
+            plaintext_exempt=machine.plaintext_exempt,
         )
         self._facts = (made_of, facts)
         return facts
 
     def _log_opened(self) -> None:
-        if not self._opened_logged:
+        if not self._opened_logged and not self._health_check:
             self._opened_logged = True
+            self.settings.metrics.session_opened(self.settings.listener.key)
             self.log.info(
                 "session {session_id} opened from {client_host}:{client_port} on {listener}",
                 event="session_open",
@@ -278,6 +291,7 @@ class ClientProtocol(Protocol):
         if first:
             self.machine.connected(greet=refusal is None)
         if refusal is not None:
+            self.settings.metrics.limit_hit("max_sessions_per_ip" if "address" in refusal else "max_sessions")
             self.log.warn("session {session_id} refused: {refusal}", refusal=refusal, **self._fields())
             self.machine.refuse(TOO_MANY_SESSIONS, refusal)
             return
@@ -294,6 +308,9 @@ class ClientProtocol(Protocol):
         handle ``data``, what came after the header."""
         self._address_known = True
         self._cancel(self._header_timer)
+        if isinstance(self.transport.getPeer(), HealthCheckAddress):
+            self._health_checked(data)
+            return
         self._log_opened()
         host = self._fields()["client_host"]
         self.machine.client_host = host
@@ -301,6 +318,15 @@ class ClientProtocol(Protocol):
         self._admit(host, first=False)
         if data is not None:
             self.dataReceived(data)
+
+    def _health_checked(self, data: bytes | None) -> None:
+        """A PROXY header with the LOCAL command: the load balancer checking that we answer (HAProxy's
+        ``check-send-proxy``). It got the greeting; it may not log in, and it is not a session."""
+        self._health_check = True
+        self.settings.metrics.health_check()
+        self._gate = None
+        if data:
+            self.machine.refuse(err("Health checks cannot log in.", "SYS/PERM"), "health check")
 
     def _header_timed_out(self) -> None:
         self._header_timer = None
@@ -321,10 +347,12 @@ class ClientProtocol(Protocol):
         if not self._address_known:
             self._address_arrived(data)
             return
+        if self._health_check:
+            return
         if self.machine.tls_active and not self._client_tls:
             # Application data arrived over TLS, so the handshake is complete: record its facts now
             # (behind the PROXY wrapper no handshake callback arrives).
-            self._client_tls = tls_facts(self.transport)
+            self._note_client_tls()
             if self._client_tls:
                 self.machine.client_tls_ready()
         self.machine.client_data(data)
@@ -342,10 +370,14 @@ class ClientProtocol(Protocol):
         guard = self.settings.guard
         if guard is not None and self._admitted and self._gate is None:  # else the answer releases it
             guard.left(self._admitted_host)
-        self._log_opened()
-        summary = self._log_ended(previous)
-        if self._events:
-            self._events.emit("session_closed", self.session_facts(), summary)
+        if not self._address_known and isinstance(self.transport.getPeer(), HealthCheckAddress):
+            self._health_check = True  # a LOCAL header and nothing after it: a TCP health check
+            self.settings.metrics.health_check()
+        if not self._health_check:
+            self._log_opened()
+            summary = self._log_ended(previous)
+            if self._events:
+                self._events.emit("session_closed", self.session_facts(), summary)
         waiters, self._close_waiters = self._close_waiters, []
         for waiter in waiters:
             waiter.callback(None)
@@ -371,14 +403,20 @@ class ClientProtocol(Protocol):
             level = LogLevel.warn if effect.level == "warn" else LogLevel.info
             self.log.emit(level, effect.text, **{**self._fields(), **effect.fields})
         elif isinstance(effect, Notify):
+            if effect.event == "authenticated":
+                self.settings.metrics.login(str(effect.args[0]), self.machine.plaintext_exempt)
             if self._events:
                 self._events.emit(effect.event, self.session_facts(effect.user, effect.upstream), *effect.args)
+        elif isinstance(effect, Retrieved):
+            self.settings.metrics.retrieved(effect.command, effect.octets)
         elif isinstance(effect, (AskPenalty, AskUserSlot, RecordFailure, ReleaseUser)):
             self._ask_guard(effect)
         elif isinstance(effect, RunHooks):
             self._run_hooks(effect)
         elif isinstance(effect, Login):
             self._start_login(effect)
+        elif isinstance(effect, LookUp):
+            self._look_up(effect)
         elif isinstance(effect, CancelLogin):
             if self._login is not None:
                 self._login.cancel()
@@ -411,13 +449,18 @@ class ClientProtocol(Protocol):
             if guard is None:
                 self.machine.user_slot(True)
             else:
-                guard.user_admit(effect.user).addCallbacks(self.machine.user_slot, self._guard_lost)
+                guard.user_admit(effect.user).addCallbacks(self._user_slot, self._guard_lost)
         elif guard is None:
             return
         elif isinstance(effect, RecordFailure):
             guard.login_failed(effect.host)
         else:
             guard.user_left(effect.user)
+
+    def _user_slot(self, granted: bool) -> None:
+        if not granted:
+            self.settings.metrics.limit_hit("max_sessions_per_user")
+        self.machine.user_slot(granted)
 
     def _guard_lost(self, failure: Failure) -> None:
         self.log.failure("session {session_id}: the session guard failed", failure, **self._fields())
@@ -454,23 +497,63 @@ class ClientProtocol(Protocol):
 
     # -- logging in -------------------------------------------------------------------------------------
 
+    def _look_up(self, effect: LookUp) -> None:
+        lookup = self.settings.lookup
+        assert lookup is not None, "LookUp without [routing] lookup"
+        query = LookupQuery(effect.user, effect.password, self.machine.client_host, effect.attempt)
+        lookup.lookup(query).addCallback(self._looked_up)
+
+    def _looked_up(self, answer: LookupAnswer) -> None:
+        metrics = self.settings.metrics
+        if isinstance(answer, Routed):
+            metrics.lookup_done("hit" if answer.cached else "miss")
+            self.machine.lookup_routed(answer.upstream, answer.login_user, answer.password)
+        elif isinstance(answer, Denied):
+            metrics.lookup_done("denied")
+            self.machine.lookup_denied(answer.reason, answer.wait)
+        else:
+            assert isinstance(answer, LookupFailed)
+            metrics.lookup_done("failed")
+            self.machine.lookup_failed(answer.reason)
+
+    def _origin(self) -> ClientOrigin:
+        """Where the client is and what it connected to, for ``forward_client``; the PROXY header's
+        addresses behind ``haproxy:``. A host is "" where it has none (a UNIX socket)."""
+        peer, local = self.transport.getPeer(), self.transport.getHost()
+        host, port = peer_fields(peer) if isinstance(peer, (IPv4Address, IPv6Address)) else ("", 0)
+        dest_host, dest_port = peer_fields(local) if isinstance(local, (IPv4Address, IPv6Address)) else ("", 0)
+        return ClientOrigin(host, port, dest_host, dest_port, self.session_id)
+
     def _start_login(self, login: Login) -> None:
-        if self.machine.tls_active and not self._client_tls:
-            self._client_tls = tls_facts(self.transport)
-        upstream = self.settings.config.upstreams[login.upstream]
+        self._note_client_tls()
+        upstream = login.target or self.settings.config.upstreams[login.upstream]
         self._login = self.settings.connector.open(
             upstream,
             login.user,
             login.password,
             log_fields={"session_id": self.session_id, "upstream": upstream.name},
             listing_limit=self._limits.max_listing if login.listing else None,
+            client=self._origin(),
+            login_name=login.login_name,
         )
         self._login.addCallbacks(self._logged_in, self._login_failed)
+
+    def _note_client_tls(self) -> None:
+        """Record the client leg's TLS facts once its handshake is over (and count its version)."""
+        if self.machine.tls_active and not self._client_tls:
+            self._client_tls = tls_facts(self.transport)
+            if self._client_tls:
+                self.settings.metrics.tls_established("client", self._client_tls.get("tls_version", ""))
 
     def _logged_in(self, result: LoggedIn) -> None:
         self._login = None
         upstream = result.protocol
         self._upstream = upstream
+        metrics, name = self.settings.metrics, self.machine.attempt[1] if self.machine.attempt else ""
+        metrics.upstream_connected(name, result.connect_seconds)
+        metrics.upstream_logged_in(name, result.login_seconds)
+        if upstream.tls_facts:
+            metrics.tls_established("upstream", upstream.tls_facts.get("tls_version", ""))
         upstream.transport.registerProducer(LegProducer(self.machine, Leg.UPSTREAM), True)
         leftover = upstream.attach(self.machine)
         self.machine.upstream_attached(upstream.capabilities)
@@ -500,7 +583,8 @@ class ClientProtocol(Protocol):
                              upstream_size=mailbox.sizes[number])
         size = mailbox.reported_size(number) if mailbox.extra(number) else None
         running = ensureDeferred(run_message_hooks(mailbox.hooks_for(number), effect.message,
-                                                   MessageContext(facts), self.settings.clock, size))
+                                                   MessageContext(facts), self.settings.clock, size,
+                                                   metrics=self.settings.metrics))
 
         def done(result: Any) -> None:
             self.machine.hooks_done(effect.ticket, result.message, result.verdicts, result.notes)
@@ -545,8 +629,7 @@ class ClientProtocol(Protocol):
             ended=machine.end_reason,
             authenticated=state is State.TRANSACTION or self._upstream is not None,
         )
-        if machine.tls_active and not self._client_tls:
-            self._client_tls = tls_facts(self.transport)
+        self._note_client_tls()
         fields.update(_prefixed("client_", self._client_tls))
         if self._upstream is not None:
             fields.update(_prefixed("upstream_", self._upstream.tls_facts))
@@ -557,6 +640,13 @@ class ClientProtocol(Protocol):
             "{bytes_from_client} bytes in, {bytes_to_client} bytes out, {duration}s",
             **fields,
         )
+        metrics = self.settings.metrics
+        metrics.session_closed(self.settings.listener.key, machine.end_reason, bool(fields["authenticated"]),
+                               float(fields["duration"]))
+        metrics.transferred(machine.bytes_in, machine.bytes_out, int(fields.get("bytes_from_upstream", 0)),
+                            int(fields.get("bytes_to_upstream", 0)))
+        if machine.end_reason == "too many failed logins":
+            metrics.limit_hit("max_login_failures")
         return {key: value for key, value in fields.items() if key != "event"}
 
 

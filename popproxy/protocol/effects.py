@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .interfaces import Leg
 from .spool import Spool
+
+if TYPE_CHECKING:
+    from ..config import UpstreamConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +46,30 @@ class Login:
     password: bytes = field(repr=False)
     upstream: str
     listing: bool
+    #: the upstream a routing lookup answered with (``upstream`` names its template); None: the
+    #: configured ``[upstream.NAME]`` of that name
+    target: UpstreamConfig | None = None
+    #: the name to log in as upstream, as a lookup rewrote it (sent as is, no ``login_as``)
+    login_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LookUp:
+    """Ask the routing lookup service which upstream serves ``user`` (the normalised identity), on
+    the connection's ``attempt``-th login. Answer with ``lookup_routed``, ``lookup_denied`` or
+    ``lookup_failed``."""
+
+    user: str
+    password: bytes = field(repr=False)
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class Retrieved:
+    """A RETR or TOP answer was written whole to the client: ``octets`` as sent (for metrics)."""
+
+    command: str
+    octets: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +117,7 @@ class Timer(enum.Enum):
     SESSION = "session"  # login timeout, then idle timeout (RFC 1939 §3 autologout)
     TLS = "tls"  # the client's TLS handshake
     PENALTY = "penalty"  # the delay before a penalised address's login is tried
+    AUTH_WAIT = "auth wait"  # a lookup's Auth-Wait before a denied login is answered
     UPSTREAM = "upstream"  # an upstream answer that does not come
 
 
@@ -170,7 +199,7 @@ class ReleaseUser:
 
 GuardEffect = AskPenalty | RecordFailure | AskUserSlot | ReleaseUser
 
-Effect = (Write | Send | StartTLS | Login | CancelLogin | CloseClient | AbortClient | CloseUpstream | AbortUpstream
+Effect = (Write | Send | StartTLS | Login | LookUp | Retrieved | CancelLogin | CloseClient | AbortClient | CloseUpstream | AbortUpstream
           | PauseReading | ResumeReading | SetTimer | CancelTimer | RunHooks | Log | Notify | GuardEffect)
 
 

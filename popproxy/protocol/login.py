@@ -11,11 +11,18 @@ RFC 3207 §6 injection: discarded, and the handshake starts.
 
 No credential is ever sent before the upstream's TLS handshake has completed (with the certificate
 verified) where the upstream is configured for STLS: USER is only asked after ``tls_ready``.
+
+With ``xclient`` (``forward_client = "xclient"``), Dovecot's XCLIENT command goes after STLS, the
+handshake and CAPA, and before USER, alone: its answer is checked before any credential is sent. An
+upstream that does not offer it, refuses it or does not trust the proxy fails the login as
+unavailable with a ``Misconfigured`` effect (an error for the operator), never a silent fallback.
 """
 
 from __future__ import annotations
 
 import enum
+import ipaddress
+import re
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +34,21 @@ from .mailbox import parse_listing
 
 #: The largest login answer collected (CAPA, the greeting); LIST and UIDL have their own bound.
 ANSWER_LIMIT = 65536
+
+#: The hop count sent as XCLIENT ``TTL``. Dovecot 2.3 starts every client at ``LOGIN_PROXY_TTL`` (5,
+#: src/login-common/login-proxy.h), sends ``TTL=`` one less when it proxies (src/pop3-login/
+#: pop3-proxy.c), and refuses to proxy a connection whose TTL is down to 1 ("TTL reached zero -
+#: proxies appear to be looping?", src/login-common/login-proxy.c). popproxy is the first hop, as a
+#: Dovecot proxy in its place would be: 4, so a loop between Dovecot proxies behind it ends.
+XCLIENT_TTL = 4
+
+# Dovecot 2.3's answer to XCLIENT from an address outside login_trusted_networks: "+OK", and the
+# parameters ignored (cmd_xclient in src/pop3-login/client.c).
+_XCLIENT_UNTRUSTED = b"You are not from trusted IP"
+
+# XCLIENT values are split at single spaces with no escaping (Dovecot's cmd_xclient uses
+# t_strsplit(args, " ")); a SESSION longer than 64 octets (LOGIN_MAX_SESSION_ID_LEN) is ignored.
+_XCLIENT_SESSION = re.compile(r"[\x21-\x7e]{1,64}")
 
 Listing = tuple[dict[int, int], dict[int, str]]
 
@@ -48,6 +70,15 @@ class Warn:
 
 
 @dataclass(frozen=True, slots=True)
+class Misconfigured:
+    """Something an operator must fix (the upstream does not trust the proxy for XCLIENT, say): for
+    an error-level log. The login fails as unavailable right after."""
+
+    text: str
+    fields: dict[str, object]
+
+
+@dataclass(frozen=True, slots=True)
 class Succeeded:
     capabilities: list[bytes]
     listing: Listing | None
@@ -63,7 +94,37 @@ class Failed:
     reason: str
 
 
-LoginEffect = SendLine | BeginTLS | Warn | Succeeded | Failed
+LoginEffect = SendLine | BeginTLS | Warn | Misconfigured | Succeeded | Failed
+
+
+def xclient_command(host: str, port: int, session_id: str, ttl: int = XCLIENT_TTL) -> bytes:
+    """The XCLIENT line (without CRLF) for a client at ``host``:``port``, as Dovecot 2.3's pop3-login
+    reads it: ``ADDR``, ``PORT``, ``SESSION`` and ``TTL`` (``cmd_xclient``, src/pop3-login/client.c).
+
+    ``ADDR`` is only sent for a real IP address (an IPv4-mapped IPv6 address as its IPv4 address, as
+    the upstream would see that client directly), ``PORT`` only with it. A client whose address is
+    unknown (a UNIX socket listener) gets no ``ADDR``: the upstream then keeps the proxy's address,
+    which is true, rather than a made-up one. ``SESSION`` is left out unless it is 1 to 64 visible
+    ASCII characters (Dovecot neither escapes nor accepts longer ones).
+    """
+    parts = [b"XCLIENT"]
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        elif address.scope_id:
+            address = None  # "fe80::1%eth0": Dovecot's net_addr2ip takes no scope
+    if address is not None:
+        parts.append(b"ADDR=" + str(address).encode("ascii"))
+        if 0 < port < 65536:
+            parts.append(b"PORT=%d" % port)
+    if _XCLIENT_SESSION.fullmatch(session_id):
+        parts.append(b"SESSION=" + session_id.encode("ascii"))
+    parts.append(b"TTL=%d" % ttl)
+    return b" ".join(parts)
 
 
 class Step(enum.Enum):
@@ -71,6 +132,7 @@ class Step(enum.Enum):
     CAPA = "CAPA"
     STLS = "STLS"
     HANDSHAKE = "TLS handshake"
+    XCLIENT = "XCLIENT"
     USER = "USER"
     PASS = "PASS"
     LIST = "LIST"
@@ -84,10 +146,16 @@ _MULTILINE = (Step.CAPA, Step.LIST, Step.UIDL)
 class UpstreamLogin:
     """One login conversation. Feed it the upstream's bytes (``data``), the end of its TLS handshake
     (``tls_ready``) and the end of the connection (``lost``); it emits what to send and, once, how
-    it ended (``Succeeded`` or ``Failed``)."""
+    it ended (``Succeeded`` or ``Failed``).
+
+    :param xclient: the XCLIENT line to send before USER (``xclient_command``), or None.
+    """
 
     def __init__(self, name: bytes, password: bytes, emit: Callable[[LoginEffect], None], *, starttls: bool,
-                 listing_limit: int | None = None, max_body_line: int | None = None) -> None:
+                 listing_limit: int | None = None, max_body_line: int | None = None,
+                 xclient: bytes | None = None) -> None:
+        self._xclient = xclient
+        self._greeting_offers_xclient = False
         self._name = name
         self._password = password
         self._emit = emit
@@ -158,7 +226,13 @@ class UpstreamLogin:
         if step is Step.GREETING:
             if not is_ok(status):
                 self._fail("greeting was not +OK")
-            elif self._starttls:
+                return
+            # Dovecot announces XCLIENT in its greeting to trusted addresses (and not in CAPA,
+            # pop3_client_notify_auth_ready in src/pop3-login/client.c). Over STLS this was read
+            # before TLS; believing it only decides whether XCLIENT is tried, inside TLS, and its
+            # answer is checked.
+            self._greeting_offers_xclient = status.startswith(b"+OK [XCLIENT]")
+            if self._starttls:
                 # STLS at once: RFC 2595 §4 has the client forget every capability learnt before
                 # TLS, so a CAPA before STLS would only cost a round trip. An upstream without STLS
                 # answers -ERR, and nothing else is ever sent to it.
@@ -166,14 +240,25 @@ class UpstreamLogin:
             else:
                 self._ask((Step.CAPA, b"CAPA"))
         elif step is Step.CAPA:
-            names = capa.names(lines) if is_ok(status) else frozenset()
             self.capabilities = lines if is_ok(status) else []
-            requests = [(Step.USER, b"USER " + self._name)]
-            if b"PIPELINING" in names:
-                requests.append((Step.PASS, b"PASS " + self._password))
-                if self._listing_limit is not None:
-                    requests += [(Step.LIST, b"LIST"), (Step.UIDL, b"UIDL")]
-            self._ask(*requests)
+            if self._xclient is None:
+                self._ask_credentials()
+            elif self._greeting_offers_xclient or b"XCLIENT" in capa.names(self.capabilities):
+                # Alone, never pipelined with USER: no credential goes before its answer is known.
+                self._ask((Step.XCLIENT, self._xclient))
+            else:
+                self._misconfigured(
+                    "upstream does not offer XCLIENT (forward_client = \"xclient\"): add the proxy's "
+                    "address to the upstream's login_trusted_networks, or set forward_client = \"none\"")
+        elif step is Step.XCLIENT:
+            if not is_ok(status):
+                self._misconfigured("upstream refused XCLIENT (forward_client = \"xclient\")", status)
+            elif _XCLIENT_UNTRUSTED in status:
+                self._misconfigured(
+                    "upstream ignored XCLIENT, it does not trust the proxy: add the proxy's address to "
+                    "the upstream's login_trusted_networks, or set forward_client = \"none\"", status)
+            else:
+                self._ask_credentials()
         elif step is Step.STLS:
             if not is_ok(status):
                 self._fail("upstream refused STLS (does it offer it?)")
@@ -208,6 +293,24 @@ class UpstreamLogin:
             uidls = ({n: value.decode("ascii", "replace") for n, value in parse_listing(lines).items()}
                      if is_ok(status) else {})
             self._succeed((self._sizes, uidls))
+
+    def _ask_credentials(self) -> None:
+        """USER, and where the upstream pipelines, PASS (and LIST and UIDL) with it."""
+        requests = [(Step.USER, b"USER " + self._name)]
+        if b"PIPELINING" in capa.names(self.capabilities):
+            requests.append((Step.PASS, b"PASS " + self._password))
+            if self._listing_limit is not None:
+                requests += [(Step.LIST, b"LIST"), (Step.UIDL, b"UIDL")]
+        self._ask(*requests)
+
+    def _misconfigured(self, text: str, answer: bytes | None = None) -> None:
+        """Fail as unavailable (the client gets ``-ERR [SYS/TEMP]``), telling the operator why."""
+        if answer is None:
+            self._emit(Misconfigured(text, {}))
+        else:
+            shown = answer.rstrip(b"\r\n")[:160].decode("ascii", "replace")
+            self._emit(Misconfigured(text + "; its answer: {answer}", {"answer": shown}))
+        self._fail(text.split(":", 1)[0])
 
     def _refused(self, status: bytes) -> None:
         code = response_code(status)

@@ -38,7 +38,7 @@ from typing import ParamSpec
 
 from zope.interface import implementer
 
-from ..config import ListenerConfig, ProxyConfig
+from ..config import ListenerConfig, ProxyConfig, UpstreamConfig, in_networks
 from ..hooks.interfaces import Delivery, Verdict
 from ..hooks.registry import BuiltHook
 from ..pop3 import capa, sasl
@@ -79,11 +79,13 @@ from .effects import (
     Hold,
     Log,
     Login,
+    LookUp,
     Notify,
     PauseReading,
     RecordFailure,
     ReleaseUser,
     ResumeReading,
+    Retrieved,
     RunHooks,
     Send,
     SetTimer,
@@ -180,7 +182,7 @@ class _Entry:
     """
 
     __slots__ = ("answer", "close", "data", "done", "fetch", "line", "number", "quit", "render", "stream", "ticket",
-                 "verb")
+                 "verb", "written")
 
     def __init__(self, *, data: bytes = b"", render: Callable[[], bytes] | None = None, answer: Answer | None = None,
                  line: bytes = b"", verb: bytes = b"", number: int | None = None, close: str | None = None) -> None:
@@ -196,6 +198,7 @@ class _Entry:
         self.quit = verb == b"QUIT"
         self.ticket = 0  # hooks in progress
         self.stream: Generator[bytes, None, None] | None = None  # a spooled message's answer, written as the client takes it
+        self.written = 0  # octets of a relayed or rendered answer written so far
 
     @property
     def local(self) -> bool:
@@ -245,6 +248,8 @@ class SessionMachine:
         # The guard's answers (it may be in another process): they arrive as inputs and are acted on
         # when the machine settles.
         self._pending_login: tuple[str, bytes] | None = None  # waiting for the penalty or its timer
+        self._looking_up: tuple[str, bytes] | None = None  # waiting for the routing lookup's answer
+        self._denied_closes = False  # a lookup's denial without Auth-Wait ends the session (as nginx)
         self._penalty: float | None = None  # the answer to AskPenalty, not acted on yet
         self._landed: tuple[tuple[dict[int, int], dict[int, str]] | None] | None = None  # logged in, slot asked
         self._slot: bool | None = None  # the answer to AskUserSlot, not acted on yet
@@ -366,6 +371,53 @@ class SessionMachine:
         self._emit(AskUserSlot(self.attempt[0]))
 
     @_settles
+    def lookup_routed(self, upstream: UpstreamConfig, login_name: str | None, password: bytes | None) -> None:
+        """The routing lookup's answer to ``LookUp``: log in at ``upstream`` (``login_name`` and
+        ``password``, where given, replace what the client sent: nginx's ``Auth-User``/``Auth-Pass``)."""
+        pending, self._looking_up = self._looking_up, None
+        if pending is None or self.state is State.CLOSED:
+            return
+        user, sent = pending
+        self._log_in_at(user, password if password is not None else sent, upstream.name, upstream, login_name)
+
+    @_settles
+    def lookup_denied(self, reason: str, wait: float | None) -> None:
+        """The lookup service refused the login (``Auth-Status`` other than OK). With ``wait``
+        (``Auth-Wait``) the answer comes after that many seconds and the session goes on; without
+        it the session ends after the answer, as nginx's mail proxy does."""
+        pending, self._looking_up = self._looking_up, None
+        if pending is None or self.state is State.CLOSED:
+            return
+        user = pending[0]
+        self._log("info", "session {session_id}: login for {user} refused by the lookup: {reason}",
+                  event="auth", user=user, result="refused", code="AUTH", reason=reason[:200])
+        self._notify_authenticated("refused", "AUTH", user, None)
+        if wait is not None and wait > 0:
+            self._emit(SetTimer(Timer.AUTH_WAIT, wait))  # Hold.LOGIN stays until it fires
+            return
+        self._denied(closes=wait is None)
+
+    @_settles
+    def lookup_failed(self, reason: str) -> None:
+        """The lookup could not say (down, slow, a bad or disallowed answer): ``[SYS/TEMP]``."""
+        pending, self._looking_up = self._looking_up, None
+        if pending is None or self.state is State.CLOSED:
+            return
+        self._release(Leg.CLIENT, Hold.LOGIN)
+        self.state = State.AUTHORIZATION
+        self._log("warn", "session {session_id}: login for {user}: routing lookup failed: {reason}",
+                  event="auth", user=pending[0], result="unavailable", code="SYS/TEMP", reason=reason)
+        self._notify_authenticated("unavailable", "SYS/TEMP", pending[0], None)
+        self._answer(UPSTREAM_DOWN)
+
+    def _denied(self, closes: bool) -> None:
+        self._release(Leg.CLIENT, Hold.LOGIN)
+        self.state = State.AUTHORIZATION
+        self._login_refused(AUTH_FAILED)
+        if closes and not self._close_queued:
+            self._queue_close("login refused by the lookup")
+
+    @_settles
     def user_slot(self, granted: bool) -> None:
         """The guard's answer to ``AskUserSlot``."""
         if self._landed is not None:
@@ -424,7 +476,8 @@ class SessionMachine:
             sizes, uidls = listing
             self.mailbox = MailboxView(sizes, uidls, self.settings.plan.message_hooks(user), self.settings.cache)
         self._log("info", "session {session_id}: {user} logged in to {upstream}",
-                  event="auth", user=user, upstream=upstream, result="ok")
+                  event="auth", user=user, upstream=upstream, result="ok",
+                  **({"plaintext_from": True} if self.plaintext_exempt else {}))
         self._set_session_timer(self._limits.idle_timeout)
         self._notify_authenticated("ok", None, user, upstream)
         if self.mailbox is not None:
@@ -502,6 +555,7 @@ class SessionMachine:
         assert isinstance(answer, Hooked)
         result = answer.finish(message, verdicts, notes)
         if isinstance(result, bytes):
+            entry.written += len(result)
             self._write(result)
             self._finish(entry)
         else:
@@ -527,6 +581,9 @@ class SessionMachine:
             pending, self._pending_login = self._pending_login, None
             if pending is not None:
                 self._route(*pending)
+        elif timer is Timer.AUTH_WAIT:
+            if self.state is State.LOGGING_IN:
+                self._denied(closes=False)
         elif timer is Timer.UPSTREAM:
             self._upstream_timer_fired()
 
@@ -562,7 +619,7 @@ class SessionMachine:
                 user, upstream = self.attempt
                 self._log("info", "session {session_id}: login for {user} at {upstream} abandoned: {reason}",
                           event="auth", user=user, upstream=upstream, result="abandoned", reason=self.end_reason)
-            self._pending_login = None
+            self._pending_login = self._looking_up = None
             self._emit(CancelLogin())
             return
         if previous is not State.TRANSACTION or not self._upstream_attached:
@@ -705,7 +762,11 @@ class SessionMachine:
                 if head.render is not None:
                     if Hold.CLIENT_OUTPUT in self._client_holds:
                         break  # a whole message: only once the client has taken what it was given
-                    self._write(head.render())
+                    data = head.render()
+                    self._write(data)
+                    if head.fetch is not None:
+                        head.written = len(data)
+                        self._retrieved(head)
                 elif head.data:
                     self._write(head.data)
                 elif head.close is not None:
@@ -736,6 +797,7 @@ class SessionMachine:
                 self._finish(entry)
                 return True
             if piece:
+                entry.written += len(piece)
                 self._write(piece)
         return False
 
@@ -782,9 +844,19 @@ class SessionMachine:
 
     @property
     def _login_allowed(self) -> bool:
-        """RFC 2595 §2.2 / ``require_tls``: no credentials in clear text where TLS is required."""
+        """RFC 2595 §2.2 / ``require_tls``: no credentials in clear text where TLS is required,
+        except from the legacy devices the listener names in ``plaintext_from``."""
         listener = self.settings.listener
-        return self.tls_active or not (listener.tls == "starttls" and listener.require_tls)
+        return (self.tls_active or not (listener.tls == "starttls" and listener.require_tls)
+                or self.plaintext_exempt)
+
+    @property
+    def plaintext_exempt(self) -> bool:
+        """Whether this client may log in without TLS only because ``plaintext_from`` names it (its
+        address as the PROXY header gave it, behind ``haproxy:``): its logins are marked as such."""
+        listener = self.settings.listener
+        return (not self.tls_active and listener.require_tls and bool(listener.plaintext_from)
+                and bool(in_networks(self.client_host, listener.plaintext_from)))
 
     def _authorization(self, command: Command) -> None:
         verb = command.verb
@@ -920,7 +992,14 @@ class SessionMachine:
         self._emit(AskPenalty(self.client_host, self.login_failures))
 
     def _route(self, user: str, password: bytes) -> None:
-        route = self.settings.config.routing.route(user)
+        routing = self.settings.config.routing
+        route = routing.route(user)
+        if route is None and routing.lookup is not None:
+            # The organisation's auth service decides (nginx's auth_http protocol); Hold.LOGIN keeps
+            # the client's next commands waiting until it answers.
+            self._looking_up = (user, password)
+            self._emit(LookUp(user, password, attempt=self.login_failures + 1))
+            return
         if route is None:
             self._release(Leg.CLIENT, Hold.LOGIN)
             self.state = State.AUTHORIZATION
@@ -929,9 +1008,14 @@ class SessionMachine:
             self._notify_authenticated("refused", "AUTH", user, None)
             self._login_refused(AUTH_FAILED)
             return
+        self._log_in_at(user, password, route)
+
+    def _log_in_at(self, user: str, password: bytes, route: str, target: UpstreamConfig | None = None,
+                   login_name: str | None = None) -> None:
         self.attempt = (user, route)
         plan = self.settings.plan
-        self._emit(Login(user, password, route, listing=bool(plan.message_hooks(user)) or plan.wants_listing(user)))
+        self._emit(Login(user, password, route, listing=bool(plan.message_hooks(user)) or plan.wants_listing(user),
+                         target=target, login_name=login_name))
 
     def _login_refused(self, answer: bytes) -> None:
         """A failed login: counted for this connection and address (the next login from either waits
@@ -1155,6 +1239,7 @@ class SessionMachine:
             self._drop_upstream("answer too large")
             self._abort("upstream answer too large")
             return None
+        entry.written += len(data)
         self._write(data)
         return data
 
@@ -1168,6 +1253,8 @@ class SessionMachine:
         if answer is not None and answer.label is not None:
             command, argument = answer.label
             self._emit(Notify("command_done", (command, argument, answer.succeeded)))
+        if entry.fetch is not None and answer is not None and answer.succeeded:
+            self._retrieved(entry)
         if entry.quit:
             self._emit(CloseUpstream())
             if self.state is not State.CLOSED:
@@ -1175,6 +1262,9 @@ class SessionMachine:
         # The answers owed behind this one may be written now, before the upstream's next answer
         # (which belongs to the next relayed entry, and must find it at the head).
         self._flush()
+
+    def _retrieved(self, entry: _Entry) -> None:
+        self._emit(Retrieved(entry.verb.decode("ascii"), entry.written))
 
     def _too_long(self) -> None:
         self._log("warn", "upstream sent a line or an answer beyond the limits (status line {status} octets, "

@@ -19,7 +19,7 @@ from ..pop3.framing import body_limit  # noqa: F401  (re-exported for older impo
 from ..pop3.wire import CRLF
 from ..tls import tls_facts
 from .interfaces import IUpstreamReceiver, LegTransport
-from .login import BeginTLS, Failed, LoginEffect, SendLine, Succeeded, UpstreamLogin, Warn
+from .login import BeginTLS, Failed, LoginEffect, Misconfigured, SendLine, Succeeded, UpstreamLogin, Warn
 
 
 class UpstreamUnavailable(Exception):
@@ -50,6 +50,13 @@ class UpstreamProtocol(Protocol):
     upstream's verdict) or ``UpstreamUnavailable`` (anything else).
 
     :param tls: client TLS options for STLS (``starttls`` upstreams), or None.
+    :param xclient: the XCLIENT line the login sends before USER (``login.xclient_command``), or None.
+    :param preamble: bytes written first on the connection, before anything else (a PROXY protocol
+        header), or empty.
+    :param tls_at_connect: client TLS options to start right after ``preamble``, for an implicit-TLS
+        upstream whose endpoint was left plain so that the header can precede the ClientHello.
+    :ivar connected_at: the clock's time when the TCP connection was made.
+    :ivar handshake_at: the clock's time when the TLS handshake completed (implicit TLS or STLS).
     """
 
     log = Logger()
@@ -67,8 +74,15 @@ class UpstreamProtocol(Protocol):
         clock: IReactorTime | None = None,
         response_timeout: float = 120.0,
         max_body_line: int | None = None,
+        xclient: bytes | None = None,
+        preamble: bytes = b"",
+        tls_at_connect: IOpenSSLClientConnectionCreator | None = None,
     ) -> None:
         self._tls = tls
+        self._preamble = preamble
+        self._tls_at_connect = tls_at_connect
+        self.connected_at: float | None = None
+        self.handshake_at: float | None = None
         self._clock = clock
         self._response_timeout = response_timeout
         self._watchdog: IDelayedCall | None = None
@@ -76,7 +90,7 @@ class UpstreamProtocol(Protocol):
         self._receiver: IUpstreamReceiver | None = None
         self._log_fields = log_fields or {}
         self._login = UpstreamLogin(name, password, self._carry_out, starttls=starttls, listing_limit=listing_limit,
-                                    max_body_line=max_body_line)
+                                    max_body_line=max_body_line, xclient=xclient)
         self.login_result: Deferred[Succeeded] = Deferred()
         self.capabilities: list[bytes] = []
         self.connected_tls = False
@@ -88,7 +102,17 @@ class UpstreamProtocol(Protocol):
     # -- Twisted callbacks -------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        self.connected_at = self._now()
         set_no_delay(self.transport)
+        if self._preamble:
+            # The PROXY protocol header is the first thing on the connection (the PROXY protocol
+            # spec, section 2), before a TLS ClientHello too.
+            self.bytes_out += len(self._preamble)
+            self.transport.write(self._preamble)
+        if self._tls_at_connect is not None:
+            # Bytes written before startTLS leave in plain text ahead of the handshake (Twisted's
+            # ITLSTransport.startTLS).
+            self.transport.startTLS(self._tls_at_connect)
         self._rearm()  # the greeting is an answer that is due
 
     def dataReceived(self, data: bytes) -> None:
@@ -105,6 +129,7 @@ class UpstreamProtocol(Protocol):
         if self.closed or self.transport.disconnecting:
             return
         self.connected_tls = True
+        self.handshake_at = self._now()
         # Read now: once the connection is gone the TLS state may no longer be reachable.
         self.tls_facts = tls_facts(self.transport)
         self._login.tls_ready()
@@ -131,6 +156,8 @@ class UpstreamProtocol(Protocol):
             self.transport.startTLS(self._tls)
         elif isinstance(effect, Warn):
             self.log.warn(effect.text, **{**self._log_fields, **effect.fields})
+        elif isinstance(effect, Misconfigured):
+            self.log.error(effect.text, **{**self._log_fields, **effect.fields})
         elif isinstance(effect, Succeeded):
             self._disarm()
             self.capabilities = effect.capabilities
@@ -141,6 +168,9 @@ class UpstreamProtocol(Protocol):
             if not self.login_result.called:
                 error = UpstreamRefused(effect.code) if effect.refused else UpstreamUnavailable(effect.reason)
                 self.login_result.errback(error)
+
+    def _now(self) -> float | None:
+        return self._clock.seconds() if self._clock is not None else None
 
     # -- the upstream response watchdog --------------------------------------------------------------
 

@@ -120,10 +120,17 @@ class DovecotServer:
         included (``mail_max_userip_connections``); the process and client limits follow from it.
     :param auth_failure_delay: seconds Dovecot waits before answering a failed login. Dovecot's
         default is 2; the fixture uses 0 so that tests of wrong passwords stay fast (Dovecot still
-        answers failures from a queue it checks every 0.5 s). The anvil "auth penalty" (2 to 15 s
-        per failure from one IP) is always off: every test connects from 127.0.0.1.
+        answers failures from a queue it checks every 0.5 s).
+    :param auth_penalty: turn on the anvil "auth penalty": after failed logins from one client IP,
+        Dovecot delays that IP's next logins by 4, 8, then 15 s (``auth_penalty_to_secs`` in
+        src/auth/auth-penalty.c: 2 s doubled per failure, at most 15; a success resets it). Off by
+        default: every test connects from 127.0.0.1.
     :param trusted_networks: ``login_trusted_networks`` (e.g. ``"127.0.0.0/8"``): clients from there
         may send XCLIENT, and Dovecot then advertises it. Off by default, as for a plain upstream.
+    :param haproxy_trusted_networks: when given, two more listeners that expect a PROXY protocol
+        header (``haproxy = yes``) from these networks: :attr:`proxy_port` (plain and STLS) and
+        :attr:`proxy_tls_port` (implicit TLS; the header comes before the ClientHello). Both 0
+        without it.
     :param mail_user: the system user that owns the mail when running as root (default ``mail``).
     """
 
@@ -137,7 +144,9 @@ class DovecotServer:
         ca: CertificateAuthority | None = None,
         max_sessions: int = 500,
         auth_failure_delay: int = 0,
+        auth_penalty: bool = False,
         trusted_networks: str | None = None,
+        haproxy_trusted_networks: str | None = None,
         mail_user: str = "mail",
         instance_name: str | None = None,
     ) -> None:
@@ -161,10 +170,14 @@ class DovecotServer:
         self.ca_pem: bytes = leaf.chain_pem[len(leaf.cert_pem) :]
         self.max_sessions = max_sessions
         self.auth_failure_delay = auth_failure_delay
+        self.auth_penalty = auth_penalty
         self.trusted_networks = trusted_networks
+        self.haproxy_trusted_networks = haproxy_trusted_networks
         self.instance_name = instance_name or f"popproxy-test-{os.getpid()}-{id(self):x}"
         self.plain_port = 0
         self.tls_port = 0
+        self.proxy_port = 0
+        self.proxy_tls_port = 0
         self.users: dict[str, MailUser] = {}
         self._process: subprocess.Popen[bytes] | None = None
         self._stderr: BinaryIO | None = None
@@ -204,6 +217,10 @@ class DovecotServer:
         for attempt in range(3):
             if not self.plain_port or attempt:
                 self.plain_port, self.tls_port = _free_ports(2)
+                if self.haproxy_trusted_networks is not None:
+                    # Not probed by _wait_ready (they greet only after a header); the same
+                    # pop3-login service listens on all four, so two answering means four bound.
+                    self.proxy_port, self.proxy_tls_port = _free_ports(2, avoid=(self.plain_port, self.tls_port))
             self._write_config()
             self._check_config()
             log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
@@ -531,6 +548,7 @@ class DovecotServer:
             f"    port = {self.tls_port}",
             "    ssl = yes",
             "  }",
+            *self._haproxy_listeners(),
             "  service_count = 0",  # high-performance mode: a few login processes serve everyone
             f"  process_min_avail = {min(4, os.cpu_count() or 1)}",
             f"  client_limit = {max(1000, 2 * n)}",
@@ -540,6 +558,16 @@ class DovecotServer:
             f"  process_limit = {n + 10}",
             "}",
         ]
+        if self.haproxy_trusted_networks is not None:
+            lines.insert(lines.index("ssl = yes"), f"haproxy_trusted_networks = {self.haproxy_trusted_networks}")
+        if self.auth_penalty:
+            lines += [
+                "# The anvil auth penalty as Dovecot ships it (only the chroot differs, below).",
+                "service anvil {",
+                *([] if ident.as_root else ["  chroot ="]),
+                "}",
+            ]
+            return "\n".join(lines) + "\n"
         lines += [
             "# No auth penalty: by default anvil delays each login from an IP by 2, 4, 8, 15 s after",
             "# failures, and every test connects from 127.0.0.1. The auth process cannot open a",
@@ -552,6 +580,24 @@ class DovecotServer:
             "}",
         ]
         return "\n".join(lines) + "\n"
+
+    def _haproxy_listeners(self) -> list[str]:
+        """Listeners that read a PROXY header first (``haproxy = yes``), when asked for."""
+        if self.haproxy_trusted_networks is None:
+            return []
+        return [
+            "  inet_listener pop3-haproxy {",
+            f"    address = {self.host}",
+            f"    port = {self.proxy_port}",
+            "    haproxy = yes",
+            "  }",
+            "  inet_listener pop3s-haproxy {",
+            f"    address = {self.host}",
+            f"    port = {self.proxy_tls_port}",
+            "    ssl = yes",
+            "    haproxy = yes",
+            "  }",
+        ]
 
     def _check_config(self) -> None:
         doveconf = Path(_dovecot()).with_name("doveconf")
@@ -641,12 +687,15 @@ def _prepare_child() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
-def _free_ports(count: int) -> list[int]:
+def _free_ports(count: int, avoid: tuple[int, ...] = ()) -> list[int]:
     sockets = []
     try:
-        for _ in range(count):
+        while len(sockets) < count:
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.bind(("127.0.0.1", 0))
+            if s.getsockname()[1] in avoid:
+                s.close()
+                continue
             sockets.append(s)
         return [s.getsockname()[1] for s in sockets]
     finally:
