@@ -99,15 +99,26 @@ def user_listed(entries: Collection[str], user: str) -> bool:
     return any((at and entry[1:] == domain) if entry.startswith("@") else entry == user for entry in entries)
 
 
-def in_networks(host: str, networks: Collection[IPNetwork]) -> bool | None:
-    """Whether ``host`` lies in one of ``networks`` (an IPv4-mapped IPv6 address counting as its
-    IPv4 address); None if ``host`` is not an IP address at all."""
+def ip_of(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``host`` as the IP address a client there has: an IPv4-mapped IPv6 address (``::ffff:a.b.c.d``,
+    what a dual-stack ``tcp6`` listener reports for an IPv4 client) as its IPv4 address; None if
+    ``host`` is not an IP address (a UNIX socket's path, a name). The one place addresses from peers,
+    PROXY headers and lookups are read, so that limits, routing checks and what goes upstream agree."""
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
         return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+        return address.ipv4_mapped
+    return address
+
+
+def in_networks(host: str, networks: Collection[IPNetwork]) -> bool | None:
+    """Whether ``host`` lies in one of ``networks`` (see ``ip_of``); None if ``host`` is not an IP
+    address at all."""
+    address = ip_of(host)
+    if address is None:
+        return None
     return any(address in network for network in networks)
 
 
@@ -344,6 +355,8 @@ class HookOptions:
         self.config_path = path
         #: ``[routing] user_case``, for hooks that list user names of their own (``normalise_user``)
         self.user_case = user_case
+        #: the files ``file()`` returned, by key: a reload reads them (``build.files_read``)
+        self.files: dict[str, Path] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self._table.data
@@ -401,7 +414,10 @@ class HookOptions:
     def file(self, name: str, default: Any = _REQUIRED) -> Path | None:
         """An existing regular file, relative to the configuration file's folder."""
         value = self._take(name, str, default)
-        return None if value is None else _file(self._table, name, value, self.config_path.parent)
+        if value is None:
+            return None
+        self.files[name] = found = _file(self._table, name, value, self.config_path.parent)
+        return found
 
     def path(self, name: str, default: Any = _REQUIRED) -> Path | None:
         """A path that need not exist yet (a folder or file to write), relative to the config's folder."""
@@ -475,15 +491,24 @@ class HookConfig:
 
 #: The most worker processes ``[process] workers`` may ask for.
 MAX_WORKERS = 64
+#: The admin socket when ``[process] admin_socket`` is not set.
+DEFAULT_ADMIN_SOCKET: Final = "/run/popproxy/admin.sock"
+#: The longest path a Unix socket may have on Linux (``sun_path`` less its NUL, unix(7)).
+MAX_UNIX_PATH: Final = 107
 
 
 @dataclass(frozen=True, slots=True)
 class ProcessConfig:
     """How the proxy runs (``[process]``). ``workers``: 1 serves sessions in the twistd process
     itself; N > 1 makes it a parent that binds the listeners and the N worker processes serve them
-    (``popproxy.workers``)."""
+    (``popproxy.workers``).
+
+    ``admin_socket``: the Unix socket of ``popproxy sessions`` / ``popproxy reload``
+    (``popproxy.admin``): None when the file does not set it (``DEFAULT_ADMIN_SOCKET``, used if it can
+    be), "" for none, else an absolute path (which must then be usable, or the proxy does not start)."""
 
     workers: int = 1
+    admin_socket: str | None = None
 
 
 #: The endpoint types ``[metrics] endpoint`` may use (no TLS, no PROXY header: a scraper on a trusted network).
@@ -495,7 +520,7 @@ class MetricsConfig:
     """``[metrics]``: where Prometheus scrapes ``/metrics`` and a load balancer asks ``/healthz``.
 
     ``endpoint`` is a Twisted server endpoint string (``tcp:9110:interface=127.0.0.1``); its type is
-    checked here, the rest when it is parsed (``listeners.check_endpoints``). Changing it takes a
+    checked here, the rest when it is parsed (``build.check_addresses``). Changing it takes a
     restart: a reload that changes it is refused."""
 
     endpoint: str
@@ -566,7 +591,7 @@ def parse_config(text: str, path: Path) -> ProxyConfig:
     )
     limits = _limits(_Table(root.take("limits", dict, {}), "limits", path, _LIMIT_KEYS))
     hooks = _hooks(root, routing.user_case)  # after [routing]: hooks' users are normalised by its user_case
-    process = _process(_Table(root.take("process", dict, {}), "process", path, ("workers",)))
+    process = _process(_Table(root.take("process", dict, {}), "process", path, ("workers", "admin_socket")))
     metrics = _metrics(_Table(root.take("metrics", dict), "metrics", path, ("endpoint",))) if "metrics" in root.data else None
     return ProxyConfig(path, listeners, MappingProxyType(upstreams), routing, limits, hooks, process, metrics)
 
@@ -584,7 +609,13 @@ def _process(t: _Table) -> ProcessConfig:
     workers = t.take("workers", int, 1)
     if not 1 <= workers <= MAX_WORKERS:
         raise t.error("workers", f"must be between 1 and {MAX_WORKERS}, not {workers}")
-    return ProcessConfig(workers)
+    admin_socket: str | None = t.take("admin_socket", str, None)
+    if admin_socket:
+        if not admin_socket.startswith("/"):
+            raise t.error("admin_socket", f"must be an absolute path (or \"\" for none), not {admin_socket!r}")
+        if len(os.fsencode(admin_socket)) > MAX_UNIX_PATH:  # sun_path: 108 octets with the final NUL (unix(7))
+            raise t.error("admin_socket", f"is longer than a Unix socket path may be ({MAX_UNIX_PATH} octets)")
+    return ProcessConfig(workers, admin_socket)
 
 
 # --- one function per table ------------------------------------------------------------------------

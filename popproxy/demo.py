@@ -15,12 +15,14 @@ import email.policy
 import os
 import sys
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -114,16 +116,40 @@ def instructions(config_path: Path, ca_file: Path, state: Path) -> str:
 
 
 class _Twistd(protocol.ProcessProtocol):
-    def __init__(self, reactor: Any) -> None:
+    """The ``twistd -n popproxy`` child. Its output is held back until it logs that it serves (every
+    listener bound); only then are the instructions printed, and the output passed through as it comes.
+    Held back: at most ``HELD`` octets (the start-up log is a few lines; older output beyond that is dropped)."""
+
+    #: what popproxy's service logs once every listener is bound (popproxy.service)
+    SERVING = b"popproxy serving"
+    HELD = 65536
+
+    def __init__(self, reactor: Any, on_serving: Callable[[], None]) -> None:
         self.reactor = reactor
         self.status: int | None = None
         self.ended: Deferred[None] = Deferred()
+        self.serving = False
+        self._on_serving = on_serving
+        self._held = b""
 
     def outReceived(self, data: bytes) -> None:
-        sys.stdout.buffer.write(data)
-        sys.stdout.flush()
+        if self.serving:
+            sys.stdout.buffer.write(data)
+            sys.stdout.flush()
+            return
+        self._held = (self._held + data)[-self.HELD :]
+        if self.SERVING in self._held:
+            self.serving = True
+            self._on_serving()
+            held, self._held = self._held, b""
+            self.outReceived(held)
 
     errReceived = outReceived
+
+    def last_line(self) -> str:
+        """The last line twistd printed before it exited without serving: the reason, as a rule."""
+        lines = [line.strip() for line in self._held.decode("utf-8", "replace").splitlines() if line.strip()]
+        return lines[-1] if lines else "no output"
 
     def processEnded(self, reason: Failure) -> None:
         self.status = getattr(reason.value, "exitCode", None)
@@ -150,17 +176,24 @@ def main(argv: list[str] | None = None) -> int:
 
     mailbox = FakePOP3Factory(pipelining=True)
     mailbox.add_user(USER, PASSWORD, demo_messages())
-    TCP4ServerEndpoint(reactor, upstream.port, interface=upstream.host).listen(mailbox)
+    # Bound before anything is printed or started: if another program has this port, the proxy would
+    # send the demo's user and password to it (and the demo would report success). A TCP endpoint's
+    # listen() has its result at once (it wraps reactor.listenTCP in defer.execute).
+    failed: list[Failure] = []
+    TCP4ServerEndpoint(reactor, upstream.port, interface=upstream.host).listen(mailbox).addErrback(failed.append)
+    if failed:
+        print(f"popproxy demo: cannot listen on {upstream.host}:{upstream.port} for the demo mailbox "
+              f"({_reason(failed[0].value)}): free that port or change the upstream address in {config_path}", file=sys.stderr)
+        return 1
 
     twistd = str(Path(sys.executable).with_name("twistd"))
-    child = _Twistd(reactor)
+    child = _Twistd(reactor, lambda: print(instructions(config_path, ca_file, state), flush=True))
     process = reactor.spawnProcess(
         child,
         twistd,
         [twistd, "-n", "--pidfile=", "--logfile=-", "popproxy", "--config", str(config_path)],
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    print(instructions(config_path, ca_file, state), flush=True)
 
     def stop() -> Deferred[None]:
         """Stop twistd with the demo, and wait (a little) for it to finish."""
@@ -170,7 +203,16 @@ def main(argv: list[str] | None = None) -> int:
 
     reactor.addSystemEventTrigger("before", "shutdown", stop)
     reactor.run()
+    if not child.serving:
+        print(f"popproxy demo: popproxy did not start, so the demo is not running: {child.last_line()}", file=sys.stderr)
+        return 1
     return 0 if child.status in (None, 0) else 1
+
+
+def _reason(error: BaseException | None) -> str:
+    """``address already in use``, from ``Couldn't listen on ...: [Errno 98] Address already in use.``"""
+    cause = error.socketError if isinstance(error, CannotListenError) else error
+    return str(getattr(cause, "strerror", None) or cause).rstrip(".").lower()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ Worker to parent:
     (so lines from several workers never interleave and a file rotates once); ``Ready``.
 Parent to worker:
     ``PrepareReload`` / ``CommitReload`` / ``AbandonReload``: a reload is all or nothing across the
-    workers.
+    workers; ``WorkerSessions`` / ``EndWorkerSession``: the admin socket's listing and ending of
+    sessions (``popproxy.admin``), which the parent asks of every worker.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from twisted.internet.defer import Deferred
 from twisted.protocols import amp
 from zope.interface import implementer
 
+from . import admin
 from .protocol.guard import ISessionGuard
 
 #: Octets of an audit line per ``AuditRecord`` (below AMP's 65,535 per value).
@@ -100,6 +102,21 @@ class CommitReload(amp.Command):
 class AbandonReload(amp.Command):
     arguments = []
     response = []
+
+
+class WorkerSessions(amp.Command):
+    """One page of the worker's live sessions after ``after`` (``admin.ListSessions``: the list
+    fits in one AMP value)."""
+
+    arguments = admin.ListSessions.arguments
+    response = admin.ListSessions.response
+
+
+class EndWorkerSession(amp.Command):
+    """End the worker's ``session`` (its id) without QUIT upstream, if it has it (``admin.EndSession``)."""
+
+    arguments = admin.EndSession.arguments
+    response = admin.EndSession.response
 
 
 def _refusal(box: dict[str, object]) -> str | None:

@@ -7,18 +7,24 @@ The PROXY header is read by ``ProxyHeaderProtocol`` (glue around ``popproxy.prox
 
 from __future__ import annotations
 
+import errno
+import os
 from dataclasses import replace
 
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import unix
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IAddress,
     IListeningPort,
     ILoggingContext,
     IProtocol,
     IProtocolFactory,
+    IReactorFDSet,
+    IReadDescriptor,
     IStreamServerEndpoint,
     ITransport,
 )
@@ -26,13 +32,27 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .config import ConfigError, ListenerConfig, ProxyConfig
+from .config import ListenerConfig
 from .proxyheader import HealthCheckAddress, InvalidProxyHeader, ProxyHeader, ProxyHeaderReader, host_port
 from .tls import ServerTLS
 
 log = Logger()
+
+
+class LiveListener:
+    """What one listening socket serves now: its ``[[listen]]`` table and TLS context.
+
+    The socket is bound once; a reload (``ProxyService.commit_reload``) replaces ``listener`` and
+    ``server_tls`` here, and every connection accepted afterwards is built from the new ones: its
+    TLS wrapping (``ListeningFactory``), its PROXY-header peer filter (``AllowedPeersFactory``).
+    """
+
+    def __init__(self, listener: ListenerConfig, server_tls: ServerTLS | None) -> None:
+        self.listener = listener
+        self.server_tls = server_tls
 
 
 class AllowedPeersFactory(Factory):
@@ -44,9 +64,9 @@ class AllowedPeersFactory(Factory):
 
     noisy = False
 
-    def __init__(self, wrapped: IProtocolFactory, listener: ListenerConfig) -> None:
+    def __init__(self, wrapped: IProtocolFactory, live: LiveListener) -> None:
         self._wrapped = wrapped
-        self._listener = listener
+        self._live = live
 
     def doStart(self) -> None:
         self._wrapped.doStart()
@@ -56,10 +76,11 @@ class AllowedPeersFactory(Factory):
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
         host = addr.host if isinstance(addr, (IPv4Address, IPv6Address)) else None
-        if host is not None and not self._listener.allows_proxy_peer(host):
+        listener = self._live.listener  # as it is now: a reload may have changed proxy_from
+        if host is not None and not listener.allows_proxy_peer(host):
             log.warn(
                 "refused PROXY-protocol connection on {listener} from {client_host}: not in proxy_from",
-                listener=self._listener.key,
+                listener=listener.key,
                 client_host=host,
             )
             return None
@@ -72,12 +93,12 @@ class AllowedPeersFactory(Factory):
 class AllowedPeersEndpoint:
     """An endpoint whose connections pass through ``AllowedPeersFactory`` first."""
 
-    def __init__(self, endpoint: IStreamServerEndpoint, listener: ListenerConfig) -> None:
+    def __init__(self, endpoint: IStreamServerEndpoint, live: LiveListener) -> None:
         self._endpoint = endpoint
-        self._listener = listener
+        self._live = live
 
     def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
-        return self._endpoint.listen(AllowedPeersFactory(factory, self._listener))
+        return self._endpoint.listen(AllowedPeersFactory(factory, self._live))
 
 
 class ProxyHeaderProtocol(ProtocolWrapper):
@@ -191,58 +212,193 @@ class ProxyHeaderEndpoint:
         return self._endpoint.listen(ProxyHeaderFactory(factory, self._listener_key))
 
 
-def listening_endpoint(reactor: object, listener: ListenerConfig,
+def listening_endpoint(reactor: object, live: LiveListener,
                        endpoint: IStreamServerEndpoint | None = None) -> IStreamServerEndpoint:
-    """The endpoint for ``listener``: its own string (or ``endpoint``, a socket bound elsewhere),
+    """The endpoint for ``live``'s listener: its own string (or ``endpoint``, a socket bound elsewhere),
     behind a peer filter and the PROXY-header reader when it starts with ``haproxy:``."""
+    listener = live.listener
     if endpoint is None:
-        endpoint = serverFromString(reactor, listener.inner_endpoint)
+        endpoint = EndpointString(reactor, listener.inner_endpoint)
     if listener.haproxy:
         # The peer filter outside the header reader: it sees the real peer, the load balancer.
-        endpoint = ProxyHeaderEndpoint(AllowedPeersEndpoint(endpoint, listener), listener.key)
+        endpoint = ProxyHeaderEndpoint(AllowedPeersEndpoint(endpoint, live), listener.key)
     return endpoint
 
 
-def listening_factory(
-    listener: ListenerConfig, factory: IProtocolFactory, server_tls: ServerTLS | None
-) -> IProtocolFactory:
-    """Add implicit TLS to ``factory`` where the listener asks for it.
+@implementer(IStreamServerEndpoint)
+class EndpointString:
+    """``serverFromString(reactor, description)``, parsed when listened on rather than before.
+
+    A ``systemd:`` endpoint looks its inherited socket up when parsed (``LISTEN_FDS``, sd_listen_fds(3)):
+    parsed here, a socket systemd did not pass is that listener's bind error, in one line, and
+    ``--check`` (which never listens) can check the file outside systemd.
+    """
+
+    def __init__(self, reactor: object, description: str) -> None:
+        self._reactor = reactor
+        self._description = description
+
+    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
+        try:
+            endpoint = serverFromString(self._reactor, self._description)
+        except (IndexError, KeyError):  # _SystemdParser: no such index, no such FileDescriptorName
+            return fail(CannotListenError(None, self._description, "systemd passed no such socket (sd_listen_fds(3): "
+                                          "is the socket unit running, and does this match its ListenStream= lines?)"))
+        listening: Deferred[IListeningPort] = endpoint.listen(factory)
+        return listening
+
+
+class ListeningFactory(Factory):
+    """What a listening socket builds each connection with: the sessions' factory, inside TLS when
+    the listener is ``tls = "implicit"`` *now* (``live``), so that a reload that switches a port
+    between ``starttls``/``none`` and ``implicit`` changes what the next connection gets.
 
     TLS is added here rather than with an ``ssl:`` endpoint so that it sits *inside* the PROXY-header
     reader: load balancers send the header in clear text before the ClientHello (the PROXY protocol
-    spec, §2: the header is the first thing on the connection).
+    spec, §2: the header is the first thing on the connection). One ``TLSMemoryBIOFactory`` per TLS
+    context (``twisted.protocols.tls``: it takes an ``IOpenSSLServerConnectionCreator``, which
+    ``ServerTLS`` is; its certificates reload in place).
     """
-    if listener.tls == "implicit":
-        assert server_tls is not None
-        return TLSMemoryBIOFactory(server_tls, False, factory)
-    return factory
+
+    noisy = False
+
+    def __init__(self, live: LiveListener, sessions: IProtocolFactory) -> None:
+        self._live = live
+        self._sessions = sessions
+        self._tls: tuple[ServerTLS, TLSMemoryBIOFactory] | None = None
+
+    def doStart(self) -> None:
+        self._sessions.doStart()
+
+    def doStop(self) -> None:
+        self._sessions.doStop()
+
+    def logPrefix(self) -> str:
+        sessions = self._sessions
+        return sessions.logPrefix() if ILoggingContext.providedBy(sessions) else type(sessions).__name__
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
+        server_tls = self._live.server_tls
+        if self._live.listener.tls != "implicit" or server_tls is None:
+            return self._sessions.buildProtocol(addr)  # type: ignore[arg-type,return-value]
+        if self._tls is None or self._tls[0] is not server_tls:
+            self._tls = (server_tls, TLSMemoryBIOFactory(server_tls, False, self._sessions))
+        return self._tls[1].buildProtocol(addr)
 
 
 def listener_service(
-    reactor: object, listener: ListenerConfig, factory: IProtocolFactory, server_tls: ServerTLS | None,
-    endpoint: IStreamServerEndpoint | None = None,
+    reactor: object, live: LiveListener, factory: IProtocolFactory, endpoint: IStreamServerEndpoint | None = None,
 ) -> StreamServerEndpointService:
-    """A service that binds in ``privilegedStartService``, before twistd drops privileges."""
-    service = StreamServerEndpointService(
-        listening_endpoint(reactor, listener, endpoint), listening_factory(listener, factory, server_tls)
-    )
+    """A service that binds in ``privilegedStartService``, before twistd drops privileges (or
+    earlier still, ``bind_now``)."""
+    service = StreamServerEndpointService(listening_endpoint(reactor, live, endpoint), ListeningFactory(live, factory))
     # Fail the start (and twistd) when the port cannot be bound, rather than logging and running on.
     service._raiseSynchronously = True
-    service.setName(listener.key)
+    service.setName(live.listener.key)
     return service
 
 
-def check_endpoints(reactor: object, config: ProxyConfig) -> None:
-    """Parse every listener's endpoint string, so that a typo fails ``--check`` and start-up."""
-    for listener in config.listeners:
-        try:
-            serverFromString(reactor, listener.inner_endpoint)
-        except (ValueError, KeyError, TypeError) as error:
-            raise ConfigError(config.path, f"{listener.key}.endpoint", f"invalid endpoint: {error}") from None
-    if config.metrics is not None:  # [metrics] endpoint: the same check
-        try:
-            serverFromString(reactor, config.metrics.endpoint)
-        except (ValueError, KeyError, TypeError) as error:
-            raise ConfigError(config.path, "metrics.endpoint", f"invalid endpoint: {error}") from None
+# --- binding before twistd daemonizes --------------------------------------------------------------
 
 
+class BindError(Exception):
+    """An endpoint that cannot listen: which one (``key``, e.g. ``listen[1].endpoint`` or
+    ``metrics.endpoint``), its endpoint string, and why, in one line."""
+
+    def __init__(self, config_path: object, key: str, endpoint: str, reason: str) -> None:
+        super().__init__(str(config_path), key, endpoint, reason)
+        self.config_path, self.key, self.endpoint, self.reason = str(config_path), key, endpoint, reason
+
+    def __str__(self) -> str:
+        return f"{self.config_path}: {self.key}: cannot listen on {self.endpoint!r}: {self.reason}"
+
+
+#: What an operator can do about the usual bind errors (errno(3), ip(7)).
+_HINTS = {
+    errno.EADDRINUSE: "another process listens there",
+    errno.EADDRNOTAVAIL: "not an address of this host",
+    errno.EACCES: "ports below 1024 need root or CAP_NET_BIND_SERVICE; unix sockets, a folder one may write",
+}
+
+
+def bind_reason(error: object) -> str:
+    """The reason a listen failed, in words (``CannotListenError`` wraps the ``OSError``)."""
+    inner: object = error.socketError if isinstance(error, CannotListenError) else error
+    if isinstance(inner, OSError):
+        text = inner.strerror or str(inner)
+        hint = _HINTS.get(inner.errno or 0)
+        return f"{text} ({hint})" if hint else text
+    return str(inner)
+
+
+def bind_now(reactor: object, service: StreamServerEndpointService, config_path: object, key: str,
+             endpoint: str) -> IListeningPort:
+    """Listen on ``service``'s endpoint now, not accepting yet: ``service`` starts accepting when
+    it starts (``BoundEndpoint``).
+
+    twistd calls the plugin's ``makeService`` before it daemonizes, writes its PID file and drops
+    privileges (``twisted.scripts._twistd_unix.UnixApplicationRunner``: ``createOrGetApplication``,
+    then ``postApplication``): binding there reports a port in use or an address this host does
+    not have on the terminal, in one line, with nothing left behind. The socket is taken off the
+    reactor at once (``IReactorFDSet.removeReader``), so it is in no poll set while twistd forks.
+
+    :raises BindError: naming ``key``, ``endpoint`` and the reason.
+    """
+    port = listen_now(reactor, service.endpoint, service.factory, config_path, key, endpoint)
+    service.endpoint = BoundEndpoint(reactor, port)
+    return port
+
+
+def listen_now(reactor: object, endpoint: IStreamServerEndpoint, factory: IProtocolFactory, config_path: object,
+               key: str, text: str) -> IListeningPort:
+    """Listen on ``endpoint`` (whose string is ``text``) with ``factory``, synchronously, and take
+    the socket off the reactor: it accepts nothing until given back (``IReactorFDSet.addReader``).
+
+    :raises BindError: naming ``key``, ``text`` and the reason.
+    """
+    results: list[object] = []
+    endpoint.listen(factory).addBoth(results.append)
+    if not results:  # every endpoint type popproxy listens on binds synchronously
+        raise BindError(config_path, key, text, "the endpoint did not bind at once")
+    result = results[0]
+    if isinstance(result, Failure):
+        raise BindError(config_path, key, text, bind_reason(result.value))
+    port = IListeningPort(result)
+    IReactorFDSet(reactor).removeReader(IReadDescriptor(port))
+    return port
+
+
+def take_over(port: IListeningPort, bound_by: int) -> None:
+    """Make this process the owner of ``port``, bound by process ``bound_by`` (twistd's daemon mode
+    forks between binding and serving): see ``_own_lock``."""
+    if os.getpid() != bound_by:
+        _own_lock(port)
+
+
+@implementer(IStreamServerEndpoint)
+class BoundEndpoint:
+    """A socket ``bind_now`` bound: ``listen`` starts accepting on it (the factory it was bound
+    with is the service's own; the one given here is the same and ignored)."""
+
+    def __init__(self, reactor: object, port: IListeningPort) -> None:
+        self._reactor = IReactorFDSet(reactor)
+        self._port = port
+        self._pid = os.getpid()
+
+    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
+        take_over(self._port, self._pid)
+        self._reactor.addReader(IReadDescriptor(self._port))
+        return succeed(self._port)
+
+
+def _own_lock(port: IListeningPort) -> None:
+    """A ``unix:`` listener's lock file (``lockfile=1``, the default) names the process that bound
+    it, and only that process may release it (``twisted.python.lockfile.FilesystemLock``); twistd's
+    daemon mode forks after binding, so the lock is taken again in the new process."""
+    if isinstance(port, unix.Port) and port.lockFile is not None:
+        lock = port.lockFile
+        try:
+            os.remove(lock.name)
+        except OSError:
+            pass
+        lock.lock()

@@ -66,7 +66,7 @@ from zope.interface import Interface, implementer
 if TYPE_CHECKING:  # exported at run time as twisted.internet.ssl.IOpenSSLTrustRoot, untyped there
     from twisted.internet._sslverify import IOpenSSLTrustRoot
 
-from .config import Address, ConfigError, LookupConfig, ProxyConfig, UpstreamConfig
+from .config import Address, ConfigError, LookupConfig, ProxyConfig, UpstreamConfig, ip_of
 
 __all__ = [
     "MAX_ANSWER_OCTETS",
@@ -324,14 +324,9 @@ def _wait(found: Mapping[bytes, bytes]) -> float | LookupFailed | None:
 
 
 def _same_ip(a: str, b: str) -> bool:
-    try:
-        x, y = ipaddress.ip_address(a), ipaddress.ip_address(b)
-    except ValueError:
+    x, y = ip_of(a), ip_of(b)
+    if x is None or y is None:
         return a == b
-    if isinstance(x, ipaddress.IPv6Address) and x.ipv4_mapped is not None:
-        x = x.ipv4_mapped
-    if isinstance(y, ipaddress.IPv6Address) and y.ipv4_mapped is not None:
-        y = y.ipv4_mapped
     return x == y
 
 

@@ -43,6 +43,7 @@ ENDED: Final[Mapping[str, str]] = {
     "quit after hang-up": "quit",
     "client closed": "client_closed",
     "shutdown": "shutdown",
+    "ended by admin": "ended_by_admin",
     "idle timeout": "idle_timeout",
     "login timeout": "login_timeout",
     "client stopped reading": "client_stalled",

@@ -6,21 +6,21 @@ import dataclasses
 import datetime
 import signal
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from types import FrameType
 
 from prometheus_client import CollectorRegistry
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
 from twisted.logger import Logger
-from zope.interface import implementer
+from zope.interface import classImplements, implementer
 
-from .config import ConfigError, ProxyConfig, config_digest, read_config
-from .hooks.registry import BuiltHook, build_hooks, start_hooks
-from .listeners import listener_service
-from .lookup import HTTPRouteLookup, listener_addresses
+from .admin import END_REASON, IAdminTarget, SessionPage, page_of_sessions
+from .build import Built, build, close_hooks, pair_listeners, reload_refusal
+from .config import ConfigError, ProxyConfig, config_digest, load_config, read_config
+from .hooks.registry import BuiltHook, start_hooks
+from .listeners import LiveListener, bind_now, listener_service
 from .metrics import NULL_METRICS, IMetrics, PrometheusMetrics
 from .protocol.client import SessionSettings
 from .protocol.connector import UpstreamConnector
@@ -28,6 +28,7 @@ from .protocol.factory import ProxyFactory
 from .protocol.guard import Guard, ISessionGuard, LocalGuard
 from .protocol.mailbox import MessageCache
 from .protocol.spool import clean_spool_dir
+from .systemd import INotifier, SystemdNotifier, notifier_from_environment
 from .tls import ServerTLS
 from .web import IHealth, metrics_service
 
@@ -40,14 +41,8 @@ EXPIRY_CHECK_INTERVAL = 86400.0
 TICKET_CHECK_INTERVAL = 60.0
 
 
-@dataclass(frozen=True)
-class PreparedReload:
-    """A configuration read, checked and built (hooks, TLS contexts), not yet in use."""
-
-    config: ProxyConfig
-    hooks: tuple[BuiltHook, ...]
-    server_tls: dict[str, ServerTLS]
-    lookup: HTTPRouteLookup | None = None
+#: A reload prepared (``prepare_reload``): the new configuration built, not yet in use.
+PreparedReload = Built
 
 
 @implementer(IHealth)
@@ -62,17 +57,27 @@ class ProxyService(MultiService):
     :param metrics: where sessions report what they did, when not this service's own: by default,
         with a ``[metrics]`` table, a ``PrometheusMetrics`` served on its endpoint by this service
         (``/metrics``, ``/healthz``); without one, nothing. A worker passes its own (its parent serves them).
+    :param built: what ``build.build(config, reactor)`` made (``--check`` built it at start already);
+        by default it is built here.
+
+    Listeners are known by their normalised endpoint (``build.ListenEndpoint``): a reload gives each
+    listening socket the new ``[[listen]]`` table with the same endpoint, wherever it now is in the
+    file, and refuses a file that adds, removes or changes an endpoint (``build.reload_refusal``).
     """
 
     #: install a SIGHUP handler (twistd); tests that build services in-process turn it off
     handle_signals = True
+    #: why the last reload that was refused was refused
+    last_refusal: str | None = None
     _previous_hup: Callable[[int, FrameType | None], object] | int | None = None
 
     def __init__(self, config: ProxyConfig, reactor: IReactorTime, connector: UpstreamConnector | None = None,
                  *, handle_signals: bool = True, guard: ISessionGuard | None = None,
                  endpoints: Mapping[str, IStreamServerEndpoint] | None = None,
-                 metrics: IMetrics | None = None) -> None:
+                 metrics: IMetrics | None = None, built: Built | None = None) -> None:
         super().__init__()
+        built = built if built is not None else build(config, reactor)
+        assert built.config is config, "built from another configuration"
         #: the ``[metrics]`` HTTP service, when this service serves its own figures; started and stopped
         #: by hand, not as a child, so that ``/healthz`` says 503 until the last session has drained
         self.web: StreamServerEndpointService | None = None
@@ -87,13 +92,16 @@ class ProxyService(MultiService):
         self.config = config
         self.reactor = reactor
         self.handle_signals = handle_signals
+        #: start, reloads and stop, told to systemd (sd_notify): only by twistd's own service, which
+        #: handles the signals; a worker's or a test's sends nothing
+        self.notifier: INotifier = notifier_from_environment() if handle_signals else SystemdNotifier(None)
         self.factories: list[ProxyFactory] = []
         self.server_tls: dict[str, ServerTLS] = {}
         connector = connector or UpstreamConnector(
             reactor, response_timeout=config.limits.upstream_timeout, max_body_line=config.limits.upstream_max_line
         )
         self.connector = connector
-        self.hooks = build_hooks(config)
+        self.hooks = built.hooks
         self._retiring: list[BuiltHook] = []  # replaced by a reload, still serving older sessions
         #: the limits kept in this process (None when ``guard`` is another's)
         self.guard: Guard | None = None
@@ -103,17 +111,25 @@ class ProxyService(MultiService):
         self.sessions_guard = guard
         # Processed messages for TOP-then-RETR: one bound for the whole proxy, not one per session.
         self.cache = MessageCache(config.limits.message_cache)
-        self.lookup = route_lookup(config, reactor)
+        self.lookup = built.lookup
+        #: what each listening socket serves now, in the order of ``factories`` (a reload updates them)
+        self.live: list[LiveListener] = []
+        self._listening: list[StreamServerEndpointService] = []
+        self._bound: list[IListeningPort] = []  # by bind(), before the service started
         for listener in config.listeners:
-            server_tls = ServerTLS.from_listener(listener, config.path) if listener.tls != "none" else None
+            server_tls = built.server_tls.get(listener.key)
             if server_tls is not None:
                 server_tls.built_at = reactor.seconds()
                 self.server_tls[listener.key] = server_tls
             factory = ProxyFactory(SessionSettings(listener, config, server_tls, connector, reactor, self.hooks, self.sessions_guard,
                                                       self.cache, lookup=self.lookup, metrics=self.metrics))
             self.factories.append(factory)
+            live = LiveListener(listener, server_tls)
+            self.live.append(live)
             endpoint = endpoints.get(listener.key) if endpoints is not None else None
-            listener_service(reactor, listener, factory, server_tls, endpoint).setServiceParent(self)
+            listening = listener_service(reactor, live, factory, endpoint)
+            listening.setServiceParent(self)
+            self._listening.append(listening)
         expiry = TimerService(EXPIRY_CHECK_INTERVAL, self.warn_expiring_certificates)
         expiry.clock = reactor
         expiry.setName("certificate expiry")
@@ -149,6 +165,33 @@ class ProxyService(MultiService):
         """``IHealth``: listeners accept from ``startService`` until ``stopService`` begins."""
         return bool(self.running) and not self._stopping
 
+    def bind(self) -> None:
+        """Listen on every listener's endpoint and ``[metrics]``'s now, accepting only once the
+        service starts (``listeners.bind_now``): ``tap.makeService`` calls this before twistd
+        daemonizes, writes its PID file and drops privileges, so that a port in use or an address
+        this host does not have ends the start with one line and nothing left behind.
+
+        :raises listeners.BindError: for the first endpoint that cannot listen (those bound before it
+            are closed again).
+        """
+        bound = self._bound
+        targets = [(f"{listener.key}.endpoint", listener.endpoint, service)
+                   for listener, service in zip(self.config.listeners, self._listening, strict=True)]
+        if self.web is not None and self.config.metrics is not None:
+            targets.append(("metrics.endpoint", self.config.metrics.endpoint, self.web))
+        try:
+            for key, endpoint, service in targets:
+                bound.append(bind_now(self.reactor, service, self.config.path, key, endpoint))
+        except Exception:
+            self.unbind()
+            raise
+
+    def unbind(self) -> Deferred[None]:
+        """Close what ``bind`` bound, for a service that is not going to start."""
+        closing = [port.stopListening() for port in self._bound]
+        self._bound.clear()
+        return gatherResults([d for d in closing if d is not None]).addCallback(lambda _: None)
+
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         if self.web is not None:
@@ -172,6 +215,8 @@ class ProxyService(MultiService):
             self._previous_hup = signal.signal(
                 signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload)  # type: ignore[attr-defined]
             )
+        # Every listener is bound (by privilegedStartService under twistd, else just now, synchronously).
+        self.notifier.ready(f"serving {len(self.config.listeners)} listener(s)")
 
     # -- SIGHUP ---------------------------------------------------------------------------------------
 
@@ -180,12 +225,16 @@ class ProxyService(MultiService):
         live sessions keep what they started with. A configuration that does not validate changes
         nothing and is logged. Listener addresses cannot change without a restart. Files that hooks
         write are opened again by name first, whatever becomes of the reload (logrotate's SIGHUP)."""
+        self.notifier.reloading()
         self.reopen_files()
         prepared = self.prepare_reload()
         if isinstance(prepared, str):
             log.error("reload refused, keeping the running configuration: {error}", error=prepared, event="reload_failed")
+            self.last_refusal = prepared  # for the admin socket's Reload (request_reload)
+            self.notifier.reloaded(prepared)
             return False
         self.commit_reload(prepared)
+        self.notifier.reloaded(None)
         return True
 
     def reopen_files(self) -> None:
@@ -198,47 +247,47 @@ class ProxyService(MultiService):
                 log.failure("hook {hook} could not open its file again", hook=built.config.name)
 
     def prepare_reload(self, digest: str | None = None) -> PreparedReload | str:
-        """The first half of a reload: read and build everything, use nothing. Returns what was
-        built, or why the configuration cannot be used. With ``digest`` (``config.config_digest``),
-        the file must still be the one the parent of several workers checked."""
-        from .tap import validated_config  # the same checks as at start
-
+        """The first half of a reload: read and build everything (``build.build``, as at start),
+        use nothing. Returns what was built, or why the configuration cannot be used: it does not
+        build, or it adds, removes or changes a listener's endpoint or ``[metrics]``
+        (``build.reload_refusal``). With ``digest`` (``config.config_digest``), the file must still
+        be the one the parent of several workers checked."""
         try:
             data = read_config(self.config.path)
             if digest is not None and config_digest(data) != digest:
                 raise ConfigError(self.config.path, "-", "changed while it was being reloaded; reload again")
-            config = validated_config(str(self.config.path), data)
-            hooks = build_hooks(config)
-            server_tls = {
-                listener.key: ServerTLS.from_listener(listener, config.path)
-                for listener in config.listeners
-                if listener.tls != "none"
-            }
-            if config.metrics != self.config.metrics:
-                _close_hooks(hooks)
-                raise ConfigError(config.path, "metrics.endpoint", _metrics_change(self.config, config))
+            prepared = build(load_config(self.config.path, data), self.reactor)
         except ConfigError as error:
             return str(error)
-        return PreparedReload(config, hooks, server_tls, route_lookup(config, self.reactor))
+        refusal = reload_refusal(self.config, prepared.config)
+        if refusal is not None:
+            prepared.close()
+            return refusal
+        return prepared
 
     def abandon_reload(self, prepared: PreparedReload) -> None:
         """A prepared reload that will not be used (another worker refused it)."""
-        _close_hooks(prepared.hooks)
+        prepared.close()
 
     def commit_reload(self, prepared: PreparedReload) -> None:
-        """The second half of a reload: new sessions use what ``prepare_reload`` built."""
+        """The second half of a reload: new sessions use what ``prepare_reload`` built.
+
+        Each listening socket gets the new table with its endpoint (``build.pair_listeners``), with
+        everything in it: ``tls`` (a port switched to or from ``implicit`` wraps the next connection
+        accordingly: ``listeners.ListeningFactory``), ``require_tls``, certificates and
+        ``tls_min_version`` (the same ``ServerTLS`` swaps them for new handshakes), ``proxy_from``,
+        ``plaintext_from``, session tickets. Live sessions keep what they started with.
+        """
         config, hooks, server_tls = prepared.config, prepared.hooks, prepared.server_tls
-        old = [(listener.key, listener.endpoint, listener.tls) for listener in self.config.listeners]
-        new = [(listener.key, listener.endpoint, listener.tls) for listener in config.listeners]
-        if old != new:
-            log.warn("reload: listener changes take effect only after a restart; other changes applied")
+        pairs = pair_listeners([live.listener for live in self.live], config.listeners)
+        assert pairs is not None, "prepare_reload refuses other endpoints"
         # A hook configured exactly as before keeps running (its open files, its state); the others
         # are replaced, and retired once the sessions that use them are over.
         kept = []
         for index, built in enumerate(hooks):
             same = next((old for old in self.hooks if old.config.same_settings(built.config)), None)
             if same is not None:
-                _close_hooks((built,))
+                close_hooks((built,))
                 hooks = hooks[:index] + (same,) + hooks[index + 1 :]
                 kept.append(same)
         retired = tuple(old for old in self.hooks if all(old is not k for k in kept))
@@ -250,28 +299,53 @@ class ProxyService(MultiService):
         self.cache.limit = config.limits.message_cache
         self.connector.response_timeout = config.limits.upstream_timeout
         self.connector.max_body_line = config.limits.upstream_max_line
-        live: list[Deferred[None]] = []
-        for factory in self.factories:
-            key = factory.settings.listener.key
-            listener = next((item for item in config.listeners if item.key == key), factory.settings.listener)
-            current_tls = self.server_tls.get(key)
-            if current_tls is not None and key in server_tls:
-                server_tls[key].built_at = self.reactor.seconds()
-                current_tls.reload(server_tls[key])  # new handshakes only
+        live_sessions: list[Deferred[None]] = []
+        self.server_tls = {}
+        for factory, live, (_, listener) in zip(self.factories, self.live, pairs, strict=True):
+            new_tls = server_tls.get(listener.key)
+            if new_tls is not None:
+                new_tls.built_at = self.reactor.seconds()
+                if live.server_tls is not None:
+                    live.server_tls.reload(new_tls)  # new handshakes only, STLS of live sessions included
+                    new_tls = live.server_tls
+            live.listener, live.server_tls = listener, new_tls
+            if new_tls is not None:
+                self.server_tls[listener.key] = new_tls
             factory.settings = dataclasses.replace(
-                factory.settings, listener=listener, config=config, hooks=hooks, guard=self.sessions_guard,
-                lookup=prepared.lookup,
+                factory.settings, listener=listener, config=config, server_tls=new_tls, hooks=hooks,
+                guard=self.sessions_guard, lookup=prepared.lookup,
             )
-            live.extend(session.when_closed() for session in factory.sessions)
+            live_sessions.extend(session.when_closed() for session in factory.sessions)
         # The old hooks serve the sessions that started with them: close them when those are over.
         self._retiring.extend(retired)
 
         def close_retired(_: object) -> None:
-            _close_hooks(retired)
+            close_hooks(retired)
             self._retiring = [built for built in self._retiring if all(built is not old for old in retired)]
 
-        gatherResults(live).addCallback(close_retired)
+        gatherResults(live_sessions).addCallback(close_retired)
         log.info("configuration reloaded from {config}", config=str(config.path), event="reloaded")
+
+    # -- the admin socket (popproxy.admin.IAdminTarget) ------------------------------------------------
+
+    def sessions(self, after: str | None, limit: int) -> Deferred[SessionPage]:
+        """``IAdminTarget``: this process's live sessions, one page."""
+        return succeed(page_of_sessions((session for factory in self.factories for session in factory.sessions),
+                                        after, limit))
+
+    def end_session(self, session_id: str) -> Deferred[bool]:
+        """``IAdminTarget``: cut session ``session_id``, without QUIT upstream (``ClientProtocol.shut_down``)."""
+        for factory in self.factories:
+            for session in list(factory.sessions):
+                if session.session_id == session_id:
+                    session.shut_down(END_REASON)
+                    return succeed(True)
+        return succeed(False)
+
+    def request_reload(self) -> Deferred[str | None]:
+        """``IAdminTarget``: ``reload`` (as SIGHUP); None if applied, else why it was refused."""
+        self.last_refusal = None
+        return succeed(None if self.reload() else self.last_refusal or "refused (see the log)")
 
     # -- SIGTERM --------------------------------------------------------------------------------------
 
@@ -280,6 +354,7 @@ class ProxyService(MultiService):
         commands complete, new ones other than QUIT get -ERR [SYS/TEMP]); then close the rest
         without QUIT upstream, so that nothing is deleted that a client did not ask to delete."""
         self._stopping = True  # /healthz: 503 from now on
+        self.notifier.stopping()
         if self.handle_signals and self._previous_hup is not None:
             signal.signal(signal.SIGHUP, self._previous_hup)
         stopped: Deferred[None] = super().stopService()
@@ -297,7 +372,7 @@ class ProxyService(MultiService):
                 session.shut_down()
 
         drained.addErrback(force)
-        closed = drained.addCallback(lambda _: _close_hooks(self.hooks))  # drained itself, now a Deferred[None]
+        closed = drained.addCallback(lambda _: close_hooks(self.hooks))  # drained itself, now a Deferred[None]
         closed.addCallback(lambda _: clean_spool_dir(self.config.limits.spool_dir))
         done = gatherResults([stopped, closed]).addCallback(lambda _: None)
         web = self.web
@@ -306,24 +381,4 @@ class ProxyService(MultiService):
         return done
 
 
-def _metrics_change(running: ProxyConfig, new: ProxyConfig) -> str:
-    """Why a reload that changes ``[metrics]`` is refused (the port is bound once, before privileges drop)."""
-    before = running.metrics.endpoint if running.metrics is not None else "none"
-    after = new.metrics.endpoint if new.metrics is not None else "none"
-    return f"changed from {before!r} to {after!r}: [metrics] changes need a restart (nothing was changed)"
-
-
-def route_lookup(config: ProxyConfig, reactor: IReactorTime) -> HTTPRouteLookup | None:
-    """The ``[routing.lookup]`` service client for ``config``, if it has one."""
-    lookup = config.routing.lookup
-    if lookup is None:
-        return None
-    return HTTPRouteLookup(lookup, config.upstreams, reactor, own_listeners=listener_addresses(config))
-
-
-def _close_hooks(hooks: tuple[BuiltHook, ...]) -> None:
-    for built in hooks:
-        try:
-            built.close()
-        except Exception:
-            log.failure("hook {hook} failed to close", hook=built.config.name)
+classImplements(ProxyService, IAdminTarget)  # the admin socket's target in one process (popproxy.admin)

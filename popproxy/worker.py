@@ -45,7 +45,7 @@ from twisted.python.failure import Failure
 from twisted.python.util import switchUID
 from zope.interface import implementer
 
-from . import ipc
+from . import admin, ipc
 from .config import ConfigError
 
 log = Logger()
@@ -98,6 +98,18 @@ class ToParent(amp.AMP):
         self._abandon()
         return {}
 
+    @ipc.WorkerSessions.responder
+    def sessions(self, after: str | None = None) -> Deferred[dict[str, object]]:
+        listed: Deferred[dict[str, object]] = self.service.sessions(after, admin.PAGE_SESSIONS).addCallback(
+            admin.page_answer)
+        return listed
+
+    @ipc.EndWorkerSession.responder
+    def end_session(self, session: str) -> Deferred[dict[str, object]]:
+        ended: Deferred[dict[str, object]] = self.service.end_session(session).addCallback(
+            lambda existed: {"existed": existed})
+        return ended
+
     def _abandon(self) -> None:
         prepared, self._prepared = self._prepared, None
         if prepared is not None:
@@ -128,23 +140,27 @@ def main(argv: list[str]) -> int:
     from twisted.internet import reactor
 
     # Everything a worker runs is imported before the privilege drop (the built-in hooks too).
+    from .build import build
+    from .config import load_config
     from .hooks import archive, audit, rewrite, rspamd, spamassassin  # noqa: F401
     from .metrics import NULL_METRICS, IMetrics, PrometheusMetrics
     from .service import ProxyService
-    from .tap import validated_config
 
     parent = ToParent()
     reactor.adoptStreamConnection(PARENT_FD, socket.AF_UNIX, Factory.forProtocol(lambda: parent))  # type: ignore[attr-defined]
     if uid != "-" or gid != "-":
         switchUID(None if uid == "-" else int(uid), None if gid == "-" else int(gid), which == "euid")
+    # Audit files have one writer, the parent: lines from every worker reach it whole, in order
+    # (set before the hooks are built).
+    audit.factory.files = functools.partial(ipc.ForwardedFile, parent)
     try:
-        config = validated_config(config_path, data)
+        # Built once, as --check and a reload build it (popproxy.build), after the privilege drop.
+        built = build(load_config(config_path, data), reactor)
     except ConfigError as error:
         log.critical("worker {worker}: configuration error: {error}", worker=index, error=str(error),
                      event="worker_failed")
         return 1
-    # Audit files have one writer, the parent: lines from every worker reach it whole, in order.
-    audit.factory.files = functools.partial(ipc.ForwardedFile, parent)
+    config = built.config
     endpoints: dict[str, IStreamServerEndpoint] = {
         key: AdoptedEndpoint(reactor, fd, family)  # type: ignore[arg-type]
         for key, (fd, family) in parse_listeners(specs).items()
@@ -156,7 +172,7 @@ def main(argv: list[str]) -> int:
 
         metrics = PrometheusMetrics(CollectorRegistry())
     service = ProxyService(config, reactor, handle_signals=False, guard=ipc.RemoteGuard(parent), endpoints=endpoints,
-                           metrics=metrics)
+                           metrics=metrics, built=built)
     parent.service = service
     core: IReactorCore = reactor
     threads: IReactorFromThreads = reactor  # type: ignore[assignment]

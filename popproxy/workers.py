@@ -61,19 +61,22 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.protocols import amp
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import classImplements, implementer
 
 from . import ipc
-from .config import ConfigError, ProxyConfig, config_digest, read_config
+from .admin import IAdminTarget, SessionPage, merge_pages, page_from_answer
+from .build import build, pair_listeners, reload_refusal
+from .config import ConfigError, ListenerConfig, ProxyConfig, config_digest, load_config, read_config
 from .hooks.audit import FileWriter
+from .listeners import EndpointString, bind_now, listen_now, take_over
 from .protocol.guard import Guard
+from .systemd import INotifier, notifier_from_environment, without_notify_socket
 from .web import IHealth, metrics_service
 
 log = Logger()
@@ -303,7 +306,10 @@ class WorkerPool(MultiService):
         self._ids = ("-" if uid is None else str(uid), "-" if gid is None else str(gid), "euid" if euid else "uid")
         self._uid, self._gid = uid, gid
         self.guard = Guard(config.limits, reactor)
+        #: the listening sockets, by the key their listener had when ``bind`` bound them
         self.ports: dict[str, IListeningPort] = {}
+        self._bound_listeners: tuple[ListenerConfig, ...] | None = None
+        self._bound_by = os.getpid()
         self.workers: dict[int, Worker] = {}
         self._audit_files: dict[tuple[str, str, int, int], FileWriter] = {}
         self._audit_failing: set[str] = set()
@@ -316,24 +322,48 @@ class WorkerPool(MultiService):
         self.web: StreamServerEndpointService | None = None
         #: workers started again after they ended (popproxy_worker_restarts_total)
         self.restarts = 0
+        #: start (every worker serving), reloads and stop, told to systemd (sd_notify); workers never notify
+        self.notifier: INotifier = notifier_from_environment()
 
     # -- start ---------------------------------------------------------------------------------------
 
+    def bind(self) -> None:
+        """Bind every listener and ``[metrics]`` now: ``tap.makeService`` calls this before twistd
+        daemonizes, writes its PID file and drops privileges, so that a port that cannot be bound
+        ends the start with one line (``listeners.bind_now``). The parent never accepts on the
+        listeners (their sockets stay off the reactor); the workers do.
+
+        :raises listeners.BindError: for the first endpoint that cannot listen (the others are closed).
+        """
+        if self._bound_listeners is not None:
+            return
+        unused = Factory.forProtocol(_Unused)
+        unused.noisy = False
+        self._bound_by = os.getpid()
+        try:
+            for listener in self.config.listeners:
+                # Only the socket: each worker puts the PROXY-header reader and TLS around it itself.
+                endpoint = EndpointString(self.reactor, listener.inner_endpoint)
+                self.ports[listener.key] = listen_now(self.reactor, endpoint, unused, self.config.path,
+                                                      f"{listener.key}.endpoint", listener.endpoint)
+            if self.config.metrics is not None:
+                self._start_metrics(self.config.metrics.endpoint)
+        except Exception:
+            for port in self.ports.values():
+                port.stopListening()
+            self.ports.clear()
+            raise
+        self._bound_listeners = self.config.listeners
+
     def privilegedStartService(self) -> None:
-        """Bind every listener now, while twistd may still bind privileged ports."""
+        """Bind (unless ``bind`` did already) while twistd may still bind privileged ports, and start
+        the workers."""
         super().privilegedStartService()
-        for listener in self.config.listeners:
-            bound: list[Any] = []
-            unused = Factory.forProtocol(_Unused)
-            unused.noisy = False
-            serverFromString(self.reactor, listener.inner_endpoint).listen(unused).addBoth(bound.append)
-            if isinstance(bound[0], Failure):
-                bound[0].raiseException()
-            port: IListeningPort = bound[0]
-            port.stopReading()  # type: ignore[attr-defined]  # the workers accept; the parent never does
-            self.ports[listener.key] = port
-        if self.config.metrics is not None:
-            self._start_metrics(self.config.metrics.endpoint)
+        self.bind()
+        for port in self.ports.values():
+            take_over(port, self._bound_by)  # a unix: socket's lock file, after daemon mode's fork
+        if self.web is not None:
+            self.web.privilegedStartService()  # accepting on the socket bind() bound
         log.info("popproxy parent serving {count} listener(s) from {config} with {workers} workers",
                  count=len(self.config.listeners), config=str(self.config.path), workers=self.config.process.workers,
                  event="workers_starting")
@@ -350,7 +380,7 @@ class WorkerPool(MultiService):
         registry.register(_PoolCollector(self))
         self.web = metrics_service(endpoint, registry, self, self.reactor)
         try:
-            self.web.privilegedStartService()
+            bind_now(self.reactor, self.web, self.config.path, "metrics.endpoint", endpoint)
         except Exception:
             self._remove_metrics_dir()
             raise
@@ -384,12 +414,17 @@ class WorkerPool(MultiService):
             self.reactor.adoptStreamConnection(mine.fileno(), socket.AF_UNIX, Factory.forProtocol(lambda: connection))
             child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r", 3: theirs.fileno()}
             specs = []
-            for number, (key, port) in enumerate(self.ports.items(), start=4):
+            # Each socket under the key its endpoint has in the configuration the workers run now
+            # (a reload may have moved the table: listeners are known by their endpoint).
+            pairs = pair_listeners(self._bound_listeners or (), self.config.listeners)
+            assert pairs is not None, "a reload that changes endpoints is refused"
+            for number, (bound, current) in enumerate(pairs, start=4):
+                port = self.ports[bound.key]
                 child_fds[number] = port.fileno()  # type: ignore[attr-defined]
-                specs.append(f"{key}={number}:{_family(port)}")
+                specs.append(f"{current.key}={number}:{_family(port)}")
             worker.started = self.reactor.seconds()
             arguments = [sys.executable, "-m", "popproxy.worker", str(self.config.path), str(index), *self._ids, *specs]
-            env = dict(os.environ)
+            env = without_notify_socket(os.environ)  # only the parent, systemd's main process, notifies
             if self.metrics_dir is not None:
                 # Read when the worker first imports prometheus_client, which then keeps its values in files there.
                 env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
@@ -415,6 +450,10 @@ class WorkerPool(MultiService):
         self._ever_ready = True
         self._pauses.pop(worker.index, None)
         log.info("worker {worker} (pid {pid}) is serving", worker=worker.index, pid=worker.pid, event="worker_ready")
+        # READY=1 once every worker serves (sent once; a worker restarted later changes nothing).
+        workers = self.config.process.workers
+        if sum(1 for each in self.workers.values() if each.is_ready) >= workers:
+            self.notifier.ready(f"serving {len(self.config.listeners)} listener(s) with {workers} workers")
 
     def worker_ended(self, worker: Worker, reason: Failure) -> None:
         if self.workers.get(worker.index) is worker:
@@ -494,25 +533,26 @@ class WorkerPool(MultiService):
     # -- SIGHUP: all or nothing ----------------------------------------------------------------------
 
     def reload(self) -> Deferred[bool]:
-        """Check the file, have every worker prepare it, then have all switch, or none."""
-        from .tap import validated_config
-
+        """Check the file (``build.build``, as at start; a file that adds, removes or changes a
+        listener's endpoint or ``[metrics]`` is refused: ``build.reload_refusal``), have every worker
+        prepare it, then have all switch, or none."""
+        self.notifier.reloading()
         self.reopen_audit_files()
 
         path = self.config.path
         try:
             data = read_config(path)
-            config = validated_config(str(path), data)
+            checked = build(load_config(path, data), self.reactor)
         except ConfigError as error:
             return succeed(self._refused(str(error)))
+        checked.close()  # the workers build their own
+        config = checked.config
         digest = config_digest(data)
+        refusal = reload_refusal(self.config, config)
+        if refusal is not None:
+            return succeed(self._refused(refusal))
         if config.process.workers != self.config.process.workers:
             log.warn("reload: [process] workers changes take effect only after a restart")
-        if config.metrics != self.config.metrics:
-            before = self.config.metrics.endpoint if self.config.metrics is not None else "none"
-            after = config.metrics.endpoint if config.metrics is not None else "none"
-            return succeed(self._refused(f"{path}: metrics.endpoint: changed from {before!r} to {after!r}: "
-                                         "[metrics] changes need a restart (nothing was changed)"))
         workers = [worker for worker in self.workers.values() if worker.amp is not None]
         asked = [worker.amp.callRemote(ipc.PrepareReload, digest=digest) for worker in workers if worker.amp]
         answers: Deferred[list[tuple[bool, Any]]] = DeferredList(asked, consumeErrors=True)
@@ -532,19 +572,65 @@ class WorkerPool(MultiService):
             self.guard.reconfigure(config.limits)
             log.info("configuration reloaded from {config} by {count} worker(s)", config=str(path), count=len(workers),
                      event="reloaded")
-            return DeferredList(done, consumeErrors=True).addCallback(lambda _: True)
+            return DeferredList(done, consumeErrors=True).addCallback(self._reloaded)
 
         return answers.addCallback(decide)
 
+    def _reloaded(self, _: object = None) -> bool:
+        self.notifier.reloaded(None)  # READY=1 once every worker has switched
+        return True
+
     def _refused(self, error: str) -> bool:
         log.error("reload refused, keeping the running configuration: {error}", error=error, event="reload_failed")
+        self.last_refusal = error  # for the admin socket's Reload (request_reload)
+        self.notifier.reloaded(error)
         return False
+
+    # -- the admin socket (popproxy.admin.IAdminTarget): every worker is asked -------------------------
+
+    #: why the last reload that was refused was refused
+    last_refusal: str | None = None
+
+    def _asking(self) -> list[Worker]:
+        return [worker for worker in self.workers.values() if worker.amp is not None and worker.is_ready]
+
+    def sessions(self, after: str | None, limit: int) -> Deferred[SessionPage]:
+        """``IAdminTarget``: one page from every worker (each at most one AMP value, so at most
+        ``workers`` x 65,535 octets held here), merged; each session names its worker."""
+        workers = self._asking()
+        asked = [worker.amp.callRemote(ipc.WorkerSessions, after=after) for worker in workers if worker.amp is not None]
+        answers: Deferred[list[tuple[bool, Any]]] = DeferredList(asked, consumeErrors=True)
+
+        def merge(results: list[tuple[bool, Any]]) -> SessionPage:
+            pages = []
+            for worker, (succeeded, answer) in zip(workers, results, strict=True):
+                if succeeded:
+                    pages.append(page_from_answer(answer, worker.index))
+                else:
+                    log.warn("worker {worker} did not list its sessions: {error}", worker=worker.index,
+                             error=answer.getErrorMessage())
+            return merge_pages(pages, limit)
+
+        return answers.addCallback(merge)
+
+    def end_session(self, session_id: str) -> Deferred[bool]:
+        """``IAdminTarget``: every worker is asked to end ``session_id``; the one that has it does."""
+        asked = [worker.amp.callRemote(ipc.EndWorkerSession, session=session_id) for worker in self._asking()
+                 if worker.amp is not None]
+        answers: Deferred[list[tuple[bool, Any]]] = DeferredList(asked, consumeErrors=True)
+        return answers.addCallback(lambda results: any(ok and answer["existed"] for ok, answer in results))
+
+    def request_reload(self) -> Deferred[str | None]:
+        """``IAdminTarget``: ``reload`` (as SIGHUP); None if applied, else why it was refused."""
+        self.last_refusal = None
+        return self.reload().addCallback(lambda applied: None if applied else self.last_refusal or "refused")
 
     # -- SIGTERM -------------------------------------------------------------------------------------
 
     def stopService(self) -> Deferred[None]:
         """Pass SIGTERM on; wait for every worker to finish its sessions; then close what is ours."""
         self._stopping = True
+        self.notifier.stopping()
         if self._previous_hup is not None:
             signal.signal(signal.SIGHUP, self._previous_hup)
         super().stopService()
@@ -580,3 +666,6 @@ class WorkerPool(MultiService):
                     worker.transport.signalProcess("KILL")  # type: ignore[union-attr]
                 except Exception:
                     pass
+
+
+classImplements(WorkerPool, IAdminTarget)  # the admin socket's target with workers (popproxy.admin)

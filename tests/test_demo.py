@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -72,3 +74,55 @@ def test_demo_serves_curl_and_fetchmail(tmp_path: Path) -> None:
                 demo.kill()
             demo.stdout.close()
     assert demo.returncode == 0
+
+
+def _demo_config(tmp_path: Path) -> tuple[Path, int, int, int]:
+    stls, tls, upstream = free_port(), free_port(), free_port()
+    config = (ROOT / "conf" / "demo.toml").read_text()
+    config = config.replace("10110", str(stls)).replace("10995", str(tls)).replace("11110", str(upstream))
+    config = config.replace("../.demo/proxy.pem", "state/proxy.pem")
+    (tmp_path / "demo.toml").write_text(config)
+    return tmp_path / "demo.toml", stls, tls, upstream
+
+
+def _run_demo(config: Path) -> subprocess.CompletedProcess[str]:
+    """Run the demo to its end; one that keeps running (reports success) fails the test after 60 s."""
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "popproxy.demo", "--config", str(config)],
+        cwd=config.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        output, _ = demo.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        demo.send_signal(signal.SIGINT)
+        output, _ = demo.communicate(timeout=20)
+        raise AssertionError(f"the demo kept running although a port it needs was taken:\n{output}") from None
+    return subprocess.CompletedProcess(demo.args, demo.returncode, output)
+
+
+def test_demo_fails_in_one_line_when_its_mailbox_port_is_taken(tmp_path: Path) -> None:
+    """Finding 4 (issue 12): with the demo mailbox's port taken, the demo said it was running and sent
+    demo/demo to whatever listened there. It must stop before printing anything else, in one line."""
+    config, _stls, _tls, upstream = _demo_config(tmp_path)
+    with socket.create_server(("127.0.0.1", upstream)) as squatter:
+        squatter.settimeout(0.1)
+        result = _run_demo(config)
+        with contextlib.suppress(TimeoutError):
+            squatter.accept()[0].close()
+            raise AssertionError("the demo connected to the program that holds its mailbox port")
+    assert result.returncode == 1, result.stdout
+    assert "is running" not in result.stdout and "curl" not in result.stdout, result.stdout
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1 and f"127.0.0.1:{upstream}" in lines[0] and "address already in use" in lines[0], result.stdout
+
+
+def test_demo_fails_in_one_line_when_a_proxy_port_is_taken(tmp_path: Path) -> None:
+    """The proxy (twistd) cannot bind its STLS port: the demo must not print its curl/fetchmail lines,
+    and ends with one line saying it is not running and why."""
+    config, stls, _tls, _upstream = _demo_config(tmp_path)
+    with socket.create_server(("127.0.0.1", stls)):
+        result = _run_demo(config)
+    assert result.returncode == 1, result.stdout
+    assert "is running" not in result.stdout and "curl" not in result.stdout, result.stdout
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1 and "not running" in lines[0] and str(stls) in lines[0], result.stdout

@@ -7,6 +7,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import pytest_twisted
 from twisted.application.service import IServiceMaker, MultiService
 from twisted.plugin import getPlugins
 
@@ -32,7 +33,8 @@ def test_options_load_and_validate_the_config(tmp_path: Path) -> None:
     assert options.config == config
 
 
-def test_make_service_builds_one_listener_per_table(tmp_path: Path) -> None:
+@pytest_twisted.ensureDeferred
+async def test_make_service_builds_one_listener_per_table(tmp_path: Path) -> None:
     config = proxy_config(
         tmp_path,
         listeners=[
@@ -40,12 +42,16 @@ def test_make_service_builds_one_listener_per_table(tmp_path: Path) -> None:
             {"endpoint": "tcp:0:interface=127.0.0.1", "tls": "implicit"},
             {"endpoint": "haproxy:tcp:0:interface=127.0.0.1", "tls": "none"},
         ],
+        extra=f'[process]\nadmin_socket = "{tmp_path / "admin.sock"}"',
     )
     options = tap.Options()
     options.parseOptions(["--config", str(config.path)])
-    service = tap.makeService(options)
+    service = tap.makeService(options)  # which binds the listeners (issue 12, finding 3): closed below
     assert isinstance(service, ProxyService) and isinstance(service, MultiService)
-    assert [child.name for child in service] == ["listen[0]", "listen[1]", "listen[2]", "certificate expiry", "session ticket keys"]
+    await service.unbind()
+    await service.getServiceNamed("admin socket").stopService()  # bound by makeService too (popproxy.admin)
+    assert [child.name for child in service] == ["listen[0]", "listen[1]", "listen[2]", "certificate expiry", "session ticket keys",
+                                                 "admin socket"]
 
 
 def test_bad_config_exits_with_file_key_and_reason(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

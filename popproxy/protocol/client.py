@@ -192,6 +192,11 @@ class ClientProtocol(Protocol):
     def state(self) -> State:
         return self.machine.state
 
+    @property
+    def started(self) -> float:
+        """When the connection was accepted (the clock's seconds since the epoch)."""
+        return self._started
+
     # -- log fields and facts ---------------------------------------------------------------------------
 
     def _fields(self) -> dict[str, Any]:
@@ -597,9 +602,11 @@ class ClientProtocol(Protocol):
 
     # -- the end ----------------------------------------------------------------------------------------
 
-    def shut_down(self) -> None:
-        """End the session now (the proxy is stopping): no QUIT upstream unless the client sent one."""
-        self.machine.end_reason = "shutdown"
+    def shut_down(self, reason: str = "shutdown") -> None:
+        """End the session now (the proxy is stopping, or an admin ended it: ``reason``): the client's
+        connection is cut, and the upstream's too, without QUIT unless the client sent one, so that
+        nothing it did is committed (RFC 1939 §6: the UPDATE state only follows a QUIT)."""
+        self.machine.end_reason = reason
         if not self._closed:
             self.transport.abortConnection()
 

@@ -16,7 +16,7 @@ from twisted.internet.error import TimeoutError as TwistedTimeoutError
 from twisted.internet.interfaces import IReactorTCP, IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 
-from ..config import Address, UpstreamConfig
+from ..config import Address, UpstreamConfig, ip_of
 from ..proxyheader import build_v1, build_v2, build_v2_local
 from ..quiet import connect_quietly
 from ..tls import client_tls
@@ -241,15 +241,9 @@ def _header_addresses(client: ClientOrigin | None) -> tuple[tuple[str, int], tup
         return None
     ends = []
     for host, port in ((client.host, client.port), (client.dest_host, client.dest_port)):
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return None
-        if isinstance(address, ipaddress.IPv6Address):
-            if address.ipv4_mapped is not None:
-                address = address.ipv4_mapped  # a dual-stack listener's IPv4 client, sent as TCP4
-            elif address.scope_id:
-                return None  # a link-local scope, which no header can carry
+        address = ip_of(host)  # a dual-stack listener's IPv4 client goes as TCP4
+        if address is None or (isinstance(address, ipaddress.IPv6Address) and address.scope_id):
+            return None  # no address, or a link-local scope, which no header can carry
         if not 0 < port < 65536:
             return None
         ends.append((str(address), port))

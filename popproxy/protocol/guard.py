@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import Interface, implementer
 
-from ..config import LimitsConfig, in_networks
+from ..config import LimitsConfig, in_networks, ip_of
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
@@ -32,13 +32,10 @@ MAX_DELAY = 30.0
 def address_key(host: str) -> str | None:
     """The key an address's counters are kept under: IPv4 as is, IPv6 by its /64, IPv4-mapped IPv6
     as the IPv4 address; None for something that is not an IP address (a UNIX socket peer)."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
+    address = ip_of(host)
+    if address is None:
         return None
     if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
         return str(ipaddress.IPv6Network((address, 64), strict=False))
     return str(address)
 

@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..config import ip_of
 from ..pop3 import capa
 from ..pop3.framing import MAX_STATUS_LINE, ResponseReader, body_limit
 from ..pop3.wire import CRLF, is_ok, response_code, unstuff_lines
@@ -108,15 +109,9 @@ def xclient_command(host: str, port: int, session_id: str, ttl: int = XCLIENT_TT
     ASCII characters (Dovecot neither escapes nor accepts longer ones).
     """
     parts = [b"XCLIENT"]
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        address = None
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        elif address.scope_id:
-            address = None  # "fe80::1%eth0": Dovecot's net_addr2ip takes no scope
+    address = ip_of(host)
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
+        address = None  # "fe80::1%eth0": Dovecot's net_addr2ip takes no scope
     if address is not None:
         parts.append(b"ADDR=" + str(address).encode("ascii"))
         if 0 < port < 65536:

@@ -13,10 +13,29 @@ from pathlib import Path
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 
 
+#: Ports handed out by ``free_port`` in this process: never twice.
+_GIVEN: set[int] = set()
+# Below Linux's ephemeral range (net.ipv4.ip_local_port_range, 32768-60999 by default): a port the kernel
+# picked for bind(0) is one it may hand to the next outgoing connection too, which then holds it when
+# a server started by a test tries to listen there ("Address already in use", now and then, under load).
+_LOW, _HIGH = 20000, 32767
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port on 127.0.0.1 that nothing listens on now and that no outgoing connection will take."""
+    import random
+
+    while True:
+        port = random.randint(_LOW, _HIGH)
+        if port in _GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
 
 
 def twistd(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
