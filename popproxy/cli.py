@@ -42,28 +42,52 @@ def shared_file(*parts: str) -> bytes:
     return resources.files("popproxy").joinpath("share", *parts).read_bytes()
 
 
-def check_config(path: str, out: TextIO | None = None, err: TextIO | None = None) -> int:
+def check_config(path: str, out: TextIO | None = None, err: TextIO | None = None,
+                 uid: int | None = None, gid: int | None = None) -> int:
     """Validate ``path`` as ``twistd popproxy -c PATH --check`` does, with the same function: 0 if good, 1 if not.
 
+    ``uid``/``gid``: the user and group the service runs as (twistd's ``-u``/``-g``, or the unit's
+    ``User=``/``Group=``): as root, every file a reload reads is opened as them, as ``--check`` does.
     ``out``, ``err``: where the verdict goes (default: standard output, standard error)."""
+    from .build import unreadable_files
     from .config import ConfigError
     from .tap import validated_config  # the one validation --check, start and reload share
 
     try:
         config = validated_config(path)
+        problems = unreadable_files(config, uid, gid)
     except ConfigError as error:
-        print(f"popproxy: configuration error: {error}", file=err or sys.stderr)
+        problems = [error]
+    for problem in problems:
+        print(f"popproxy: configuration error: {problem}", file=err or sys.stderr)
+    if problems:
         return 1
     print(f"popproxy: {config.path}: configuration OK", file=out or sys.stdout)
     return 0
 
 
 def _check(args: argparse.Namespace) -> int:
-    return check_config(args.file)
+    import grp
+    import pwd
+
+    uid = gid = None
+    try:
+        if args.user is not None:
+            entry = pwd.getpwnam(args.user) if not args.user.isdigit() else pwd.getpwuid(int(args.user))
+            uid, gid = entry.pw_uid, entry.pw_gid
+        if args.group is not None:
+            gid = grp.getgrnam(args.group).gr_gid if not args.group.isdigit() else int(args.group)
+    except KeyError as error:
+        print(f"popproxy: no such user or group: {error.args[0]}", file=sys.stderr)
+        return 1
+    return check_config(args.file, uid=uid, gid=gid)
 
 
 def _check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", metavar="FILE", help="the TOML configuration to validate")
+    parser.add_argument("-u", "--user", help="the user the service runs as (as root: check that it can read every "
+                        "certificate, key and file a reload reads), e.g. popproxy")
+    parser.add_argument("-g", "--group", help="its group, when not the user's own")
 
 
 def _example_config(args: argparse.Namespace) -> int:

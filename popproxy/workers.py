@@ -278,6 +278,25 @@ class _PoolCollector(Collector):
                                   value=self._pool.restarts)
 
 
+def exit_status_at_the_end(status: int) -> None:
+    """End the process with ``status`` once twistd is done (its PID file removed, its logs flushed).
+
+    twistd has no way for a service to choose its exit status (twisted.scripts.twistd.runApp ends
+    with status 0, or by re-raising a signal); an ``atexit`` function runs after it returned.
+    """
+    import atexit
+
+    def end() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # closed, or a daemon's /dev/null
+                pass
+        os._exit(status)
+
+    atexit.register(end)
+
+
 def metrics_directory(uid: int | None, gid: int | None) -> str:
     """A new private directory for prometheus_client's multiprocess files: under ``$RUNTIME_DIRECTORY``
     (systemd's ``RuntimeDirectory=``; the first one if it names several) or the system's temporary
@@ -472,6 +491,7 @@ class WorkerPool(MultiService):
             # would fail the same way, so stop, with the worker's own error already in the log.
             log.critical("worker {worker} failed to start ({how}) and none is serving: stopping",
                          worker=worker.index, how=how, event="workers_failed")
+            exit_status_at_the_end(1)  # a supervisor must see that it failed: Restart=on-failure
             self.reactor.stop()
             return
         lived = self.reactor.seconds() - worker.started

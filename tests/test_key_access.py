@@ -34,6 +34,7 @@ from support.pop3client import RawPOP3, tls_context
 from support.proxyproc import TWISTD, ProxyProcess, free_port
 
 USER, GROUP = "nobody", "nogroup"
+POPPROXY = str(Path(TWISTD).with_name("popproxy"))  # the console script next to twistd
 
 
 @pytest.fixture
@@ -98,11 +99,17 @@ def test_a_key_the_service_user_cannot_read_is_named_by_check_and_refused_at_sta
     assert check.returncode == 1, check
     assert str(certificate) in check.stderr and "listen[0].certificate" in check.stderr
     assert f"user {USER} (group {GROUP}) cannot read it (Permission denied)" in check.stderr
+    # The same from the popproxy command, given the unit's User=/Group= (the hardened unit runs
+    # without -u/-g, so there is no twistd option to read them from).
+    command = subprocess.run([POPPROXY, "check", str(config), "-u", USER, "-g", GROUP], capture_output=True, text=True)
+    assert command.returncode == 1 and f"user {USER} (group {GROUP}) cannot read it" in command.stderr, command
 
     # Readable by the service's group, not by others: accepted.
     _install(certificate, certificate.read_bytes(), 0o640, group=_ids()[1])
     check = _twistd(workdir, "-c", str(config), "--check")
     assert check.returncode == 0 and "configuration OK" in check.stdout, check.stderr
+    command = subprocess.run([POPPROXY, "check", str(config), "-u", USER, "-g", GROUP], capture_output=True, text=True)
+    assert command.returncode == 0 and "configuration OK" in command.stdout, command
 
 
 def test_the_configuration_file_itself_must_be_readable(workdir: Path, ca: CertificateAuthority) -> None:

@@ -22,6 +22,7 @@ import os
 import poplib
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from support.dovecot import DovecotServer
-from support.proxyproc import ProxyProcess, free_port
+from support.proxyproc import TWISTD, ProxyProcess, free_port
 
 WORKERS = 2
 
@@ -445,3 +446,20 @@ def test_workers_stop_when_their_parent_is_killed(tmp_path: Path, dovecot: Dovec
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
     finally:
         process.stop()
+
+
+def test_workers_that_all_fail_to_start_end_twistd_with_status_1(tmp_path: Path, dovecot: DovecotServer,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parent's checks pass (the hook builds there) but no worker can build it: the parent stops,
+    and a supervisor (systemd's Restart=on-failure, a shell's `&&`) must see a failure, not status 0."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    port = free_port()
+    config = write_config(tmp_path, port, dovecot,
+                          hooks='[[hook]]\nuse = "support.samplehooks:picky"\nrefuse_in_workers = true\n')
+    pidfile = tmp_path / "twistd.pid"
+    result = subprocess.run([TWISTD, "-n", "--pidfile", str(pidfile), "--logfile", str(tmp_path / "popproxy.log"),
+                             "popproxy", "-c", str(config)], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    log = (tmp_path / "popproxy.log").read_text() if (tmp_path / "popproxy.log").exists() else result.stderr
+    assert "none is serving: stopping" in log, log[-3000:]
+    assert result.returncode == 1, (result, log[-2000:])
+    assert not pidfile.exists()

@@ -6,6 +6,7 @@ what the ``recorder`` session hook saw.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -120,12 +121,16 @@ class PickyFactory:
 
     def build(self, config: Any) -> Recorder:
         import os
+        import sys
 
         options = config.options
-        listed = options.path("refuse_pids")
+        listed = options.path("refuse_pids", None)
+        in_workers = options.boolean("refuse_in_workers", False)  # build in the parent, not in a worker
         options.finish()
-        if listed.exists() and str(os.getpid()) in listed.read_text().split():
+        if listed is not None and listed.exists() and str(os.getpid()) in listed.read_text().split():
             raise options.error("refuse_pids", f"this process ({os.getpid()}) is listed")
+        if in_workers and Path(sys.argv[0]).name == "worker.py":  # python -m popproxy.worker
+            raise options.error("refuse_in_workers", "this process is a worker")
         return Recorder()
 
 
