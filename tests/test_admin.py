@@ -42,6 +42,7 @@ from popproxy.config import ConfigError, load_config
 
 from support.configs import PREAMBLE
 from support.dovecot import DovecotServer
+from support.pop3client import log_in
 from support.proxyproc import ProxyProcess, free_port, twistd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,17 +102,6 @@ def wait_for(predicate: object, what: str, timeout: float = 30) -> None:
     while not predicate():  # type: ignore[operator]
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
-
-
-def log_in(port: int, user: str, password: str) -> poplib.POP3:
-    client = poplib.POP3("127.0.0.1", port, timeout=20)
-    try:
-        client.user(user)
-        client.pass_(password)
-    except BaseException:
-        client.close()
-        raise
-    return client
 
 
 def local_port(client: poplib.POP3) -> int:

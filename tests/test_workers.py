@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from support import pop3client
 from support.dovecot import DovecotServer
 from support.proxyproc import TWISTD, ProxyProcess, free_port
 
@@ -79,14 +80,7 @@ def proxy(tmp_path: Path, dovecot: DovecotServer) -> Iterator[ProxyProcess]:
 
 
 def log_in(port: int, user: str = "dave", password: str = "dave-pw") -> poplib.POP3:
-    client = poplib.POP3("127.0.0.1", port, timeout=20)
-    try:
-        client.user(user)
-        client.pass_(password)
-    except BaseException:
-        client.close()
-        raise
-    return client
+    return pop3client.log_in(port, user, password)
 
 
 def workers_of(proxy: ProxyProcess, text: str) -> list[object]:

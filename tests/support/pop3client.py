@@ -29,6 +29,18 @@ def open_poplib(mode: str, port: int, cafile: Path | str, timeout: float = 30) -
     raise ValueError(mode)
 
 
+def log_in(port: int, user: str, password: str, host: str = "127.0.0.1") -> poplib.POP3:
+    """A poplib session logged in over plain POP3 (closed again if the login fails)."""
+    client = poplib.POP3(host, port, timeout=20)
+    try:
+        client.user(user)
+        client.pass_(password)
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
 def retrieve(client: poplib.POP3, number: int) -> bytes:
     """``RETR number`` as the message bytes a client stores: poplib's lines (already un-stuffed)
     joined with CRLF, ending with CRLF."""
