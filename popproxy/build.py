@@ -38,9 +38,9 @@ from twisted.internet import endpoints as _endpoints
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from .config import ConfigError, ListenerConfig, ProxyConfig
+from .config import ConfigError, ListenerConfig, ProxyConfig, ip_of
 from .hooks.registry import BuiltHook, build_hooks
-from .lookup import HTTPRouteLookup, listener_addresses
+from .lookup import HTTPRouteLookup
 from .tls import ServerTLS, client_tls
 
 log = Logger()
@@ -53,6 +53,7 @@ __all__ = [
     "check_addresses",
     "close_hooks",
     "files_read",
+    "listener_addresses",
     "normalise_endpoint",
     "pair_listeners",
     "reload_refusal",
@@ -94,13 +95,7 @@ class SocketAddress:
     @property
     def _ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         """The interface as an IP address (an IPv4-mapped IPv6 one as IPv4); None for a host name."""
-        try:
-            address = ipaddress.ip_address(self.host)
-        except ValueError:
-            return None
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            return address.ipv4_mapped
-        return address
+        return ip_of(self.host)
 
     def overlaps(self, other: SocketAddress) -> bool:
         """Whether listening on both at once would fail (or one would take the other's clients).
@@ -347,6 +342,18 @@ def build(config: ProxyConfig, reactor: IReactorTime) -> Built:
         close_hooks(hooks)
         raise
     return Built(config, hooks, server_tls, lookup)
+
+
+def listener_addresses(config: ProxyConfig) -> list[tuple[str, int]]:
+    """``(interface, port)`` of every TCP listener (``tcp:``/``tcp6:``, behind ``haproxy:`` too), in
+    the normal form (``0.0.0.0``/``::`` for every address): the ``own_listeners`` a routing lookup
+    must never send a user to. Port 0 and other kinds (``unix:``, ``systemd:``) are left out."""
+    found = []
+    for listener in config.listeners:
+        address = listen_endpoint(listener).address
+        if address.kind in ("tcp", "tcp6") and address.port != 0:
+            found.append((address.host, address.port))
+    return found
 
 
 def route_lookup(config: ProxyConfig, reactor: IReactorTime) -> HTTPRouteLookup | None:

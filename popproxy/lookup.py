@@ -14,8 +14,7 @@ The protocol decisions are pure code, tested by event sequences without a reacto
   :class:`AuthWait` / :class:`LookupFailed`;
 - :func:`route_answer`: ``allowed_upstreams`` and popproxy's own listeners, so that the service can
   never make popproxy an open proxy or route it to itself;
-- :class:`LookupCache`: a bounded LRU with a TTL, keyed on (user, client address, HMAC of the password);
-- :func:`listener_addresses`: where popproxy itself listens, from its endpoint strings.
+- :class:`LookupCache`: a bounded LRU with a TTL, keyed on (user, client address, HMAC of the password).
 
 :class:`HTTPRouteLookup` is the Twisted glue: one ``GET`` through ``twisted.web.client.Agent`` per
 uncached login, with a connect timeout, a whole-answer timeout and a cap on the octets read.
@@ -66,7 +65,7 @@ from zope.interface import Interface, implementer
 if TYPE_CHECKING:  # exported at run time as twisted.internet.ssl.IOpenSSLTrustRoot, untyped there
     from twisted.internet._sslverify import IOpenSSLTrustRoot
 
-from .config import Address, ConfigError, LookupConfig, ProxyConfig, UpstreamConfig, ip_of
+from .config import Address, ConfigError, LookupConfig, UpstreamConfig, ip_of
 
 __all__ = [
     "MAX_ANSWER_OCTETS",
@@ -83,9 +82,7 @@ __all__ = [
     "Routed",
     "escape_auth",
     "is_local_address",
-    "listener_addresses",
     "parse_answer",
-    "parse_endpoint_address",
     "request_headers",
     "route_answer",
 ]
@@ -381,70 +378,6 @@ def route_answer(
     return Routed(upstream, answer.login_user, answer.password, cached=False)
 
 
-# --- popproxy's own listeners --------------------------------------------------------------------------
-
-
-def _endpoint_arguments(description: str) -> tuple[list[str], dict[str, str]]:
-    """Positional and keyword arguments of a Twisted endpoint string, as ``serverFromString`` splits
-    it: fields separated by ``:``, ``key=value`` for keywords, ``\\`` escaping the next character."""
-    args: list[str] = []
-    kwargs: dict[str, str] = {}
-    field: list[str] = []
-    current = ""
-    characters = iter(description)
-    ops = ":="
-    for char in characters:
-        if char in ops:
-            field.append(current)
-            current = ""
-            if char == ":":
-                if len(field) == 1:
-                    args.append(field[0])
-                else:
-                    kwargs[field[0]] = field[1]
-                field = []
-                ops = ":="
-            else:
-                ops = ":"
-        elif char == "\\":
-            current += next(characters, "")
-        else:
-            current += char
-    field.append(current)
-    if len(field) == 1:
-        args.append(field[0])
-    else:
-        kwargs[field[0]] = field[1]
-    return args, kwargs
-
-
-def parse_endpoint_address(endpoint: str) -> tuple[str, int] | None:
-    """``(interface, port)`` a ``tcp:``/``tcp6:``/``ssl:`` server endpoint listens on, behind any
-    ``haproxy:`` prefixes; None for other types (``unix:``, ``systemd:``) or an unparsable string.
-
-    Twisted's conventions: the port positional or ``port=``; ``interface=`` defaults to "" (every
-    IPv4 address) for ``tcp:``/``ssl:`` and ``::`` (every address) for ``tcp6:``.
-    """
-    while endpoint.startswith("haproxy:"):
-        endpoint = endpoint.removeprefix("haproxy:")
-    args, kwargs = _endpoint_arguments(endpoint)
-    if not args or args[0] not in ("tcp", "tcp6", "ssl"):
-        return None
-    kind, positional = args[0], args[1:]
-    port_text = kwargs.get("port", positional[0] if positional else "")
-    interface = kwargs.get("interface", "::" if kind == "tcp6" else "")
-    if not port_text.isdigit():
-        return None
-    return interface, int(port_text)
-
-
-def listener_addresses(config: ProxyConfig) -> list[tuple[str, int]]:
-    """Where popproxy listens, from ``[[listen]] endpoint`` (see :func:`parse_endpoint_address`):
-    the ``own_listeners`` for :class:`HTTPRouteLookup`. Port 0 and non-TCP endpoints are left out."""
-    found = (parse_endpoint_address(listener.endpoint) for listener in config.listeners)
-    return [address for address in found if address is not None and address[1] != 0]
-
-
 # --- the cache -------------------------------------------------------------------------------------------
 
 CacheKey = tuple[str, str, str, bytes]
@@ -617,7 +550,7 @@ class HTTPRouteLookup:
 
     :param upstreams: the configuration's upstreams; ``config.template`` must be one of them.
     :param reactor: for the HTTP client, its timeouts and ``Auth-Status: WAIT`` rounds.
-    :param own_listeners: ``(host, port)`` popproxy listens on (:func:`listener_addresses`); host
+    :param own_listeners: ``(host, port)`` popproxy listens on (``build.listener_addresses``); host
         "", "0.0.0.0" or "::" for every local address. Answers naming one are refused.
     :param clock: the cache's time (default: ``reactor``), so tests can use ``task.Clock``.
     :param is_local: whether an address is this machine's (for wildcard listeners).

@@ -22,6 +22,7 @@ from twisted.internet.task import Clock
 from twisted.logger import LogEvent, globalLogPublisher
 from zope.interface.verify import verifyObject
 
+from popproxy.build import listener_addresses
 from popproxy.config import (
     AllowedUpstream,
     ConfigError,
@@ -45,9 +46,7 @@ from popproxy.lookup import (
     Routed,
     escape_auth,
     is_local_address,
-    listener_addresses,
     parse_answer,
-    parse_endpoint_address,
     request_headers,
     route_answer,
 )
@@ -471,21 +470,24 @@ def test_is_local_address() -> None:
 @pytest.mark.parametrize(
     ("endpoint", "address"),
     [
-        ("tcp:110", ("", 110)),
+        ("tcp:110", ("0.0.0.0", 110)),
         ("tcp:port=110:interface=127.0.0.1", ("127.0.0.1", 110)),
         ("tcp:995:backlog=10:interface=10.0.0.2", ("10.0.0.2", 995)),
         ("tcp6:110", ("::", 110)),
         ("tcp6:110:interface=\\:\\:1", ("::1", 110)),
         ("haproxy:tcp:110:interface=192.0.2.5", ("192.0.2.5", 110)),
         ("haproxy:tcp6:port=995", ("::", 995)),
-        ("ssl:995:privateKey=k.pem", ("", 995)),
         ("unix:/run/popproxy.sock", None),
         ("systemd:domain=INET:index=0", None),
-        ("tcp:interface=127.0.0.1", None),
+        ("tcp:0:interface=127.0.0.1", None),
     ],
 )
-def test_parse_endpoint_address(endpoint: str, address: tuple[str, int] | None) -> None:
-    assert parse_endpoint_address(endpoint) == address
+def test_own_listener_addresses(endpoint: str, address: tuple[str, int] | None, conf_dir: Path) -> None:
+    """What a lookup may never route to: the one normal form of ``build`` (the same as reloads use)."""
+    config = config_with(conf_dir)
+    listener = dataclasses.replace(config.listeners[0], endpoint=endpoint)
+    found = listener_addresses(dataclasses.replace(config, listeners=(listener,)))
+    assert found == ([address] if address else [])
 
 
 def test_listener_addresses_of_a_configuration(conf_dir: Path) -> None:
