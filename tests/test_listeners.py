@@ -145,3 +145,41 @@ def test_proxy_protocol_v2_and_health_checks(tmp_path: Path, dovecot: DovecotSer
     # (no header) and the bad header's: nothing from the two health checks.
     assert sorted(opened) == sorted(closed) == ["127.0.0.1", "127.0.0.1", "2001:db8::7"], (opened, closed)
     assert any(e.get("error") == "v1 header port 99999 is out of range" for e in events)
+
+
+def test_plaintext_from_behind_haproxy_counts_the_proxy_header_address(tmp_path: Path, dovecot: DovecotServer,
+                                                                      ca: CertificateAuthority) -> None:
+    """A legacy device behind the load balancer: the PROXY header's address decides, not the load
+    balancer's (which every client shares). Its login is marked in the log."""
+    port = free_port()
+    certificate = tmp_path / "proxy.pem"
+    write_private(certificate, ca.issue(["localhost"]).combined_pem)
+    config = tmp_path / "popproxy.toml"
+    config.write_text(
+        f'[[listen]]\nendpoint = "haproxy:tcp:{port}:interface=127.0.0.1"\ntls = "starttls"\n'
+        f'certificate = "{certificate}"\nplaintext_from = ["192.0.2.10/32"]\n'
+        f'[upstream.dovecot]\naddress = "127.0.0.1:{dovecot.plain_port}"\ntls = "none"\n'
+        '[routing]\ndefault = "dovecot"\n'
+    )
+    proxy = ProxyProcess(config, [port], tmp_path, json=True)
+    dave = dovecot.users["dave"]
+    try:
+        legacy = RawPOP3(port)
+        legacy.send(build_v2(("192.0.2.10", 40001), ("127.0.0.1", port)))
+        assert legacy.answer().startswith(b"+OK")
+        capa = legacy.command(b"CAPA", multiline=True)
+        assert b"\r\nUSER\r\n" in capa and b"\r\nSTLS\r\n" in capa
+        assert legacy.command(b"USER dave") == b"+OK\r\n"
+        assert legacy.command(b"PASS " + dave.password.encode()) == b"+OK Logged in.\r\n"
+        legacy.command(b"QUIT")
+
+        other = RawPOP3(port)  # the same load balancer, another client: STLS first
+        other.send(build_v2(("192.0.2.11", 40002), ("127.0.0.1", port)))
+        assert other.answer().startswith(b"+OK")
+        assert b"\r\nUSER\r\n" not in other.command(b"CAPA", multiline=True)
+        assert other.command(b"USER dave").startswith(b"-ERR [AUTH] Plaintext authentication disallowed")
+        other.close()
+    finally:
+        proxy.stop()
+    logins = [e for e in proxy.events() if e.get("event") == "auth" and e.get("result") == "ok"]
+    assert [(e.get("client_host"), e.get("plaintext_from")) for e in logins] == [("192.0.2.10", True)]
