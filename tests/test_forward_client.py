@@ -13,9 +13,7 @@ trusts nobody.
 
 from __future__ import annotations
 
-import poplib
 import re
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +37,7 @@ from popproxy.service import ProxyService
 from popproxy.testing import FakePOP3Factory
 
 from support.dovecot import DovecotServer
+from support.pop3client import BoundPOP3, timed_login
 from support.proxyproc import free_port
 
 MESSAGE = b"Subject: forwarded\r\n\r\nbody\r\n"
@@ -143,33 +142,9 @@ class Proxy:
         return await deferToThread(login, self.port, source, f"alice@{upstream}", password)
 
 
-class BoundPOP3(poplib.POP3):
-    """poplib whose socket has the source address ``source``."""
-
-    def __init__(self, host: str, port: int, source: str, timeout: float = 30) -> None:
-        self._source = source
-        super().__init__(host, port, timeout=timeout)
-
-    def _create_socket(self, timeout: float) -> socket.socket:
-        return socket.create_connection((self.host, self.port), timeout, source_address=(self._source, 0))
-
-
 def login(port: int, source: str, user: str, password: str) -> tuple[bytes, float]:
     started = time.monotonic()
-    client = BoundPOP3("127.0.0.1", port, source)
-    try:
-        client.user(user)
-        try:
-            answer = client.pass_(password)
-        except poplib.error_proto as error:
-            answer = error.args[0]
-        elapsed = time.monotonic() - started
-        if answer.startswith(b"+OK"):
-            assert client.retr(1)[1] == [b"Subject: forwarded", b"", b"body"]
-        client.quit()
-        return answer, elapsed
-    finally:
-        client.close()
+    return timed_login(BoundPOP3(port, source), user, password, started, [b"Subject: forwarded", b"", b"body"])
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import poplib
 import re
-import socket
 import ssl
 import time
 import urllib.request
@@ -30,6 +29,7 @@ from popproxy.pki import CertificateAuthority, write_private
 
 from support.dovecot import DovecotServer
 from support.haproxy import HAProxyError, HAProxyProcess, check_config, from_shipped
+from support.pop3client import BoundPOP3, BoundPOP3S, timed_login
 from support.proxyproc import ProxyProcess, free_port
 
 MESSAGE = b"Subject: through haproxy\r\n\r\nbody\r\n"
@@ -118,31 +118,6 @@ class Instance:
         return float(match.group(1))
 
 
-class BoundPOP3(poplib.POP3):
-    """poplib from source address ``source``; STLS (checked against ``context``) right after the greeting."""
-
-    def __init__(self, port: int, source: str, context: ssl.SSLContext) -> None:
-        self._source = source
-        super().__init__("127.0.0.1", port, timeout=30)
-        self.stls(context)
-
-    def _create_socket(self, timeout: float) -> socket.socket:
-        return socket.create_connection((self.host, self.port), timeout, source_address=(self._source, 0))
-
-
-class BoundPOP3S(poplib.POP3_SSL):
-    """poplib with implicit TLS from source address ``source``."""
-
-    def __init__(self, port: int, source: str, context: ssl.SSLContext) -> None:
-        self._source = source
-        self._tls = context
-        super().__init__("127.0.0.1", port, timeout=30, context=context)
-
-    def _create_socket(self, timeout: float) -> socket.socket:
-        sock = socket.create_connection((self.host, self.port), timeout, source_address=(self._source, 0))
-        return self._tls.wrap_socket(sock, server_hostname="localhost")
-
-
 class Stack:
     """HAProxy (from conf/haproxy.cfg) in front of two popproxy instances in front of Dovecot."""
 
@@ -181,7 +156,7 @@ class Stack:
     def open(self, source: str, implicit: bool = False) -> poplib.POP3:
         if implicit:
             return BoundPOP3S(self.pop3s, source, self.context)
-        return BoundPOP3(self.pop3, source, self.context)
+        return BoundPOP3(self.pop3, source, stls=self.context)
 
 
 @pytest.fixture
@@ -197,20 +172,8 @@ def log_in(stack: Stack, source: str, password: str = PASSWORD, implicit: bool =
     """Log in as alice from ``source`` through HAProxy: the answer to PASS (or the -ERR raised) and
     the seconds from connecting to that answer. A session that logged in reads its message."""
     started = time.monotonic()
-    client = stack.open(source, implicit)
-    try:
-        client.user("alice")
-        try:
-            answer = client.pass_(password)
-        except poplib.error_proto as error:
-            answer = error.args[0]
-        elapsed = time.monotonic() - started
-        if answer.startswith(b"+OK"):
-            assert client.retr(1)[1] == [b"Subject: through haproxy", b"", b"body"]
-        client.quit()
-        return answer, elapsed
-    finally:
-        client.close()
+    return timed_login(stack.open(source, implicit), "alice", password, started,
+                       [b"Subject: through haproxy", b"", b"body"])
 
 
 def dovecot_logins(dovecot: DovecotServer, offset: int, count: int, timeout: float = 10.0) -> list[str]:

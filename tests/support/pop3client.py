@@ -41,6 +41,58 @@ def log_in(port: int, user: str, password: str, host: str = "127.0.0.1") -> popl
     return client
 
 
+class BoundPOP3(poplib.POP3):
+    """poplib whose socket has the source address ``source`` (any of 127.0.0.0/8 on Linux: a second
+    client address on loopback); with ``stls``, STLS checked against that context after the greeting."""
+
+    def __init__(self, port: int, source: str, stls: ssl.SSLContext | None = None, host: str = "127.0.0.1",
+                 timeout: float = 30) -> None:
+        self._source = source
+        super().__init__(host, port, timeout=timeout)
+        if stls is not None:
+            self.stls(stls)
+
+    def _create_socket(self, timeout: float) -> socket.socket:
+        return socket.create_connection((self.host, self.port), timeout, source_address=(self._source, 0))
+
+
+class BoundPOP3S(poplib.POP3_SSL):
+    """poplib with implicit TLS from source address ``source``."""
+
+    def __init__(self, port: int, source: str, context: ssl.SSLContext, host: str = "127.0.0.1",
+                 timeout: float = 30) -> None:
+        self._source = source
+        self._tls = context
+        super().__init__(host, port, timeout=timeout, context=context)
+
+    def _create_socket(self, timeout: float) -> socket.socket:
+        sock = socket.create_connection((self.host, self.port), timeout, source_address=(self._source, 0))
+        return self._tls.wrap_socket(sock, server_hostname="localhost")
+
+
+def timed_login(client: poplib.POP3, user: str, password: str, started: float,
+                first_message: list[bytes] | None = None) -> tuple[bytes, float]:
+    """Log ``client`` in: the answer to PASS (or the -ERR raised) and the seconds from ``started``
+    (``time.monotonic()`` before connecting) to that answer. Logged in, it reads message 1 (and
+    checks its lines against ``first_message``), then QUITs; ``client`` is closed either way."""
+    import time
+
+    try:
+        client.user(user)
+        try:
+            answer = client.pass_(password)
+        except poplib.error_proto as error:
+            answer = error.args[0]
+        elapsed = time.monotonic() - started
+        if answer.startswith(b"+OK"):
+            lines = client.retr(1)[1]
+            assert first_message is None or lines == first_message, lines
+        client.quit()
+        return answer, elapsed
+    finally:
+        client.close()
+
+
 def retrieve(client: poplib.POP3, number: int) -> bytes:
     """``RETR number`` as the message bytes a client stores: poplib's lines (already un-stuffed)
     joined with CRLF, ending with CRLF."""
