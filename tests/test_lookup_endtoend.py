@@ -88,7 +88,11 @@ def test_an_auth_http_service_routes_users_between_two_dovecots(tmp_path: Path, 
         # popproxy's own per-address delay would stretch the denied logins below: keep it out of the way
         "[limits]\nlogin_failure_delay = 0.01\nmax_login_failures = 10\n"
     )
-    proxy = ProxyProcess(config, [port], tmp_path, json=True)
+    try:
+        proxy = ProxyProcess(config, [port], tmp_path, json=True)
+    except BaseException:
+        service.close()  # the service is a process of its own: never leave it behind
+        raise
     try:
         dave, frank = dovecot.users["dave"], second.users["frank"]
         # Two Dovecots, chosen by user.
