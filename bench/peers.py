@@ -135,6 +135,10 @@ class PopProxy(Target):
         """``[[hook]]`` tables for the configuration: none, popproxy as a plain relay."""
         return ""
 
+    def routing(self) -> str:
+        """The ``[routing]`` table: every user to the one Dovecot."""
+        return '[routing]\ndefault = "dovecot"\n'
+
     def limits(self) -> str:
         """``[limits]`` for workload E (``max_sessions`` set): room for that many sessions in all, from
         one address and per user, and login and idle timeouts no session reaches; else the defaults."""
@@ -160,7 +164,7 @@ class PopProxy(Target):
                         f'ca = "{self.files.ca}"\nserver_name = "localhost"\n')
         config = self.workdir / "popproxy.toml"
         config.write_text(f"[[listen]]\n{listener}\n[upstream.dovecot]\n{upstream}connect_timeout = 5\n\n"
-                          '[routing]\ndefault = "dovecot"\n' + f"\n[process]\nworkers = {self.workers}\n"
+                          + self.routing() + f"\n[process]\nworkers = {self.workers}\n"
                           + self.limits() + self.hooks())
         log = self.workdir / "twistd.log"
         process = self._spawn([TWISTD, "-n", "--pidfile", str(self.workdir / "twistd.pid"), "--logfile", str(log),
@@ -406,6 +410,35 @@ class Floor(Target):
                                str(self.files.combined)], log, self.workdir)
         wait_for_port(self.port, process, log=log)
         self.cpu_pids = [process.pid]
+
+
+class LookupPopProxy(PopProxy):
+    """popproxy TLS->plain asking ``[routing.lookup]`` where each login goes: the same helper
+    (bench/auth_http.py) that nginx's row asks, with popproxy's cache off, so that both ask once per
+    login. Workload D (a session per login) is where a lookup costs."""
+
+    def __init__(self, workdir: Path, files: Files, dovecot_plain: int, dovecot_tls: int) -> None:
+        super().__init__("tls_plain", workdir, files, dovecot_plain, dovecot_tls)
+        self.key = "popproxy_lookup"
+        self.label = "popproxy TLS->plain, auth_http"
+        self.describe += "; [routing.lookup] -> bench/auth_http.py (nginx's helper), cache_size = 0"
+        self.workdir = workdir / "popproxy-lookup"
+        self.workloads = "D"
+        self.auth_port = 0
+
+    def routing(self) -> str:
+        return (f'[routing.lookup]\nurl = "http://127.0.0.1:{self.auth_port}/auth"\ntemplate = "dovecot"\n'
+                f'cache_size = 0\nallowed_upstreams = [{{ network = "127.0.0.1/32", ports = [{self.dovecot_plain}] }}]\n')
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.auth_port = free_port()
+        auth = self._spawn([sys.executable, str(BENCH / "auth_http.py"), str(self.auth_port), str(self.dovecot_plain)],
+                           self.workdir / "auth_http.txt", self.workdir)
+        wait_for_port(self.auth_port, auth, log=self.workdir / "auth_http.txt")
+        self.aux_pids = [auth.pid]
+        self.aux_name = "Python auth_http helper"
+        super().start()
 
 
 class HookedPopProxy(PopProxy):

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # tests/support: the Dovecot fixture
 
 from popproxy.pki import CertificateAuthority, write_private
 
-from peers import Direct, Files, Floor, Haproxy, HookedPopProxy, Nginx, Perdition, PopProxy, Stunnel, Target
+from peers import Direct, Files, Floor, Haproxy, HookedPopProxy, LookupPopProxy, Nginx, Perdition, PopProxy, Stunnel, Target
 from procs import cmdline, descendants, raise_nofile, tree_cpu_by_process, tree_cpu_seconds, tree_memory_kib
 from support.dovecot import DovecotServer
 from workloads import (
@@ -529,7 +529,9 @@ def render_pairs(bench: Bench, w: list[str]) -> list[str]:
     what a second worker process gives popproxy TLS->plain (see README). A pair shows where both ran."""
     pairs = [("popproxy_tls_plain", "floor", "popproxy TLS->plain / floor", "cost of being POP3-aware"),
              ("floor", "stunnel", "floor / stunnel", "cost of the platform"),
-             ("popproxy_w2", "popproxy_tls_plain", "popproxy 2 workers / 1 worker", "gain of [process] workers = 2")]
+             ("popproxy_w2", "popproxy_tls_plain", "popproxy 2 workers / 1 worker", "gain of [process] workers = 2"),
+             ("popproxy_lookup", "popproxy_tls_plain", "auth_http / static routing", "cost of a lookup per login"),
+             ("popproxy_lookup", "nginx", "popproxy / nginx, auth_http", "the same auth service asked")]
     pairs = [p for p in pairs if any(p[0] in bench.results[x] and p[1] in bench.results[x] for x in w)]
     if not pairs:
         return []
@@ -670,7 +672,8 @@ def parse_args() -> argparse.Namespace:
                         f"{DEFAULT_WORKLOADS}); E holds 1000, then 5000 idle sessions at once (200 with --quick)")
     parser.add_argument("--paths", default="", help="comma-separated path keys to run (default: all); "
                         "direct is always run. Keys: direct_tls, popproxy_plain, popproxy_tls_plain, "
-                        "popproxy_w2 (TLS->plain, [process] workers = 2), popproxy_tls_tls, floor, stunnel, haproxy, nginx, "
+                        "popproxy_w2 (TLS->plain, [process] workers = 2), popproxy_tls_tls, "
+                        "popproxy_lookup (workload D: [routing.lookup] to nginx's auth_http helper), floor, stunnel, haproxy, nginx, "
                         "perdition_tls, perdition_plain, "
                         "and for F: " + ", ".join(HOOK_PATHS))
     parser.add_argument("--cap", type=float, default=None, help="seconds per workload and path before it "
@@ -729,6 +732,7 @@ def main() -> int:
             PopProxy("tls_plain", work, files, dovecot.plain_port, dovecot.tls_port),
             PopProxy("tls_plain", work, files, dovecot.plain_port, dovecot.tls_port, workers=2),
             PopProxy("tls_tls", work, files, dovecot.plain_port, dovecot.tls_port),
+            LookupPopProxy(work, files, dovecot.plain_port, dovecot.tls_port),
             Floor(work, files, dovecot.plain_port),
             Stunnel(work, files, dovecot.plain_port),
             Haproxy(work, files, dovecot.plain_port),
