@@ -103,8 +103,18 @@ class ScannerProcess:
     def command(self) -> list[str]:
         raise NotImplementedError
 
-    def probe(self) -> None:
+    def ping(self, sock: socket.socket) -> None:
+        """One liveness request on a connected ``sock``; raise unless the scanner answered it."""
         raise NotImplementedError
+
+    def probe(self) -> None:
+        """The scanner answers ``ping`` over TCP and over its Unix socket."""
+        with socket.create_connection((self.host, self.port), timeout=5) as tcp:
+            self.ping(tcp)
+        with socket.socket(socket.AF_UNIX) as unix:
+            unix.settimeout(5)
+            unix.connect(str(self.socket_path))
+            self.ping(unix)
 
     # -- common ---------------------------------------------------------------------------------
 
@@ -298,14 +308,9 @@ class SpamdServer(ScannerProcess):
             argv.append(f"--username={self.system_user().pw_name}")
         return argv
 
-    def probe(self) -> None:
-        """``PING SPAMC/1.5`` over TCP and over the Unix socket must both answer ``PONG``."""
-        with socket.create_connection((self.host, self.port), timeout=5) as tcp:
-            _ping(tcp)
-        with socket.socket(socket.AF_UNIX) as unix:
-            unix.settimeout(5)
-            unix.connect(str(self.socket_path))
-            _ping(unix)
+    def ping(self, sock: socket.socket) -> None:
+        """``PING SPAMC/1.5`` must answer ``PONG``."""
+        _ping(sock)
 
     def ask(self, command: str, message: bytes) -> bytes:
         """A raw SPAMC/1.5 request, answered the way spamc would see it (for checking the fixture)."""
